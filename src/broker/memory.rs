@@ -1,0 +1,139 @@
+//! In-process broker: a bounded history ring in this process, for the single-replica mode.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use serde_json::value::RawValue;
+
+use super::Replay;
+use crate::event::{self, EventId, IdGenerator};
+use crate::hub::{Frame, Hub};
+use crate::sse;
+
+/// Keeps the last `capacity` events and broadcasts each one as it is published.
+#[derive(Debug)]
+pub struct MemoryBroker {
+    state: Mutex<History>,
+    hub: Hub,
+    /// Ids below this were handed out by an earlier process, whose history is gone.
+    epoch: EventId,
+}
+
+#[derive(Debug)]
+struct History {
+    ids: IdGenerator,
+    frames: VecDeque<Arc<Frame>>,
+    capacity: usize,
+    /// Newest id dropped from the ring, if any.
+    newest_dropped: Option<EventId>,
+}
+
+impl MemoryBroker {
+    /// A broker retaining `capacity` events that publishes into `hub`.
+    pub fn new(capacity: usize, hub: Hub) -> Self {
+        let mut ids = IdGenerator::default();
+        let epoch = ids.next_id();
+        Self {
+            state: Mutex::new(History {
+                ids,
+                frames: VecDeque::with_capacity(capacity.min(4096)),
+                capacity,
+                newest_dropped: None,
+            }),
+            hub,
+            epoch,
+        }
+    }
+
+    /// Stores and broadcasts one event. Holding the lock while broadcasting keeps the
+    /// ring's order equal to id order, which resume relies on.
+    pub fn publish(&self, event_type: &str, data: &RawValue) -> EventId {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let id = state.ids.next_id();
+        let json = event::envelope_json(event_type, data, Some(id), id.ms);
+        let frame = Frame::event(Some(id), event_type, sse::message(Some(id), &json));
+        if state.capacity > 0 {
+            if state.frames.len() == state.capacity
+                && let Some(dropped) = state.frames.pop_front()
+            {
+                state.newest_dropped = dropped.id;
+            }
+            state.frames.push_back(Arc::clone(&frame));
+        } else {
+            state.newest_dropped = Some(id);
+        }
+        self.hub.broadcast(frame);
+        id
+    }
+
+    /// Retained events after `after`, oldest first, at most `limit`.
+    pub fn replay(&self, after: EventId, limit: usize) -> Replay {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let truncated = after < self.epoch || state.newest_dropped.is_some_and(|d| d > after);
+        let start = state
+            .frames
+            .partition_point(|f| f.id.is_some_and(|id| id <= after));
+        let frames: Vec<_> = state
+            .frames
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect();
+        let more = state.frames.len() - start > frames.len();
+        Replay {
+            frames,
+            truncated,
+            more,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn broker(capacity: usize) -> MemoryBroker {
+        MemoryBroker::new(capacity, Hub::new(10, Arc::new(Metrics::new())))
+    }
+
+    fn data() -> Box<RawValue> {
+        RawValue::from_string("{}".into()).unwrap()
+    }
+
+    #[test]
+    fn replay_returns_exactly_the_events_after_the_id_in_order() {
+        let broker = broker(100);
+        let ids: Vec<_> = (0..10).map(|_| broker.publish("t", &data())).collect();
+        let replay = broker.replay(ids[3], 100);
+        let got: Vec<_> = replay.frames.iter().map(|f| f.id.unwrap()).collect();
+        assert_eq!(got, ids[4..]);
+        assert!(!replay.truncated && !replay.more);
+    }
+
+    #[test]
+    fn replay_pages_with_more() {
+        let broker = broker(100);
+        let ids: Vec<_> = (0..10).map(|_| broker.publish("t", &data())).collect();
+        let replay = broker.replay(ids[0], 4);
+        assert_eq!(replay.frames.len(), 4);
+        assert!(replay.more);
+        assert_eq!(replay.frames[0].id, Some(ids[1]));
+    }
+
+    #[test]
+    fn replay_from_a_dropped_id_reports_truncation() {
+        let broker = broker(5);
+        let ids: Vec<_> = (0..20).map(|_| broker.publish("t", &data())).collect();
+        assert!(broker.replay(ids[0], 100).truncated);
+        assert!(!broker.replay(ids[15], 100).truncated);
+        assert_eq!(broker.replay(ids[15], 100).frames.len(), 4);
+    }
+
+    #[test]
+    fn ids_from_before_this_process_are_truncated() {
+        let broker = broker(5);
+        assert!(broker.replay(EventId::new(1, 0), 100).truncated);
+    }
+}

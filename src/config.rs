@@ -1,0 +1,192 @@
+//! Command line and environment: every operator setting, its flag, its variable and its
+//! default, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Open files kept back from `--max-clients 0` for Redis, logs and non-stream requests.
+const FD_RESERVE: u64 = 500;
+
+/// eventfabric: a Server-Sent Events gateway. Producers publish events; every connected
+/// browser receives them, and can resume after a reconnect without losing any.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Gateway settings (also read by the other commands where they apply).
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// The commands of the binary.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Serve,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Every setting of a gateway. Library code receives this; only `main` reads the
+/// environment (through clap).
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_LISTEN",
+        default_value = "127.0.0.1:5000",
+        global = true
+    )]
+    pub listen: SocketAddr,
+
+    /// Seconds between heartbeat comments on every stream (keeps proxies from timing out).
+    #[arg(long, env = "EVENTFABRIC_HEARTBEAT_SECS", default_value_t = 15, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_secs: u64,
+
+    /// Reconnect delay, in milliseconds, that clients are told with `retry:`.
+    #[arg(long, env = "EVENTFABRIC_RETRY_MS", default_value_t = 5000, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub retry_ms: u64,
+
+    /// Events a client may fall behind while its connection is full before it is
+    /// disconnected (it then reconnects and resumes from history).
+    #[arg(long, env = "EVENTFABRIC_CLIENT_QUEUE", default_value_t = 100, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub client_queue: u64,
+
+    /// Events kept for resume after a reconnect.
+    #[arg(long, env = "EVENTFABRIC_HISTORY", default_value_t = 10_000, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub history: u64,
+
+    /// Largest accepted publish body, in bytes.
+    #[arg(long, env = "EVENTFABRIC_MAX_EVENT_BYTES", default_value_t = 65_536, global = true,
+          value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
+    pub max_event_bytes: u64,
+
+    /// Most SSE clients this replica serves at once; 0 means the open-file limit minus a
+    /// reserve of 500. Clients beyond it get `503` and retry elsewhere.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_MAX_CLIENTS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub max_clients: u64,
+
+    /// Seconds a shutdown may take: streams are closed with a spread-out `retry:` hint
+    /// and in-flight requests finish within this window.
+    #[arg(long, env = "EVENTFABRIC_DRAIN_SECS", default_value_t = 10, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub drain_secs: u64,
+
+    /// Name of this replica in stats and logs; hostname and process id when unset.
+    #[arg(long, env = "EVENTFABRIC_REPLICA_ID", global = true)]
+    pub replica_id: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "EVENTFABRIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Settings as `eventfabric` with no flags and no environment would have them.
+    pub fn default_for_tests() -> Self {
+        Cli::parse_from(["eventfabric"]).config
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
+    }
+
+    /// Shutdown window.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
+    }
+
+    /// The replica id to use: the configured one or `<hostname>-<pid>`.
+    pub fn resolved_replica_id(&self) -> String {
+        match &self.replica_id {
+            Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
+            _ => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|_| "eventfabric".to_owned());
+                format!("{host}-{}", std::process::id())
+            }
+        }
+    }
+
+    /// The client cap to enforce: the configured one, or what the open-file limit allows.
+    pub fn resolved_max_clients(&self) -> usize {
+        if self.max_clients > 0 {
+            return self.max_clients as usize;
+        }
+        let limit = open_file_limit().unwrap_or(1024);
+        limit.saturating_sub(FD_RESERVE).max(1) as usize
+    }
+}
+
+/// The soft open-file limit of this process, read from `/proc/self/limits`.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = Config::default_for_tests();
+        assert_eq!(c.listen, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(c.heartbeat_secs, 15);
+        assert_eq!(c.retry_ms, 5000);
+        assert_eq!(c.client_queue, 100);
+        assert_eq!(c.history, 10_000);
+        assert_eq!(c.max_event_bytes, 65_536);
+    }
+
+    #[test]
+    fn flags_work_before_and_after_the_subcommand() {
+        let cli =
+            Cli::try_parse_from(["eventfabric", "--retry-ms", "10", "serve", "--history", "5"])
+                .unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve)));
+        assert_eq!(cli.config.retry_ms, 10);
+        assert_eq!(cli.config.history, 5);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_flag() {
+        let err = Cli::try_parse_from(["eventfabric", "--client-queue", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--client-queue"), "{err}");
+    }
+
+    #[test]
+    fn max_clients_defaults_to_the_file_limit_less_a_reserve() {
+        let c = Config::default_for_tests();
+        assert!(c.resolved_max_clients() >= 1);
+        let c = Config {
+            max_clients: 7,
+            ..c
+        };
+        assert_eq!(c.resolved_max_clients(), 7);
+    }
+}

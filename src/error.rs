@@ -1,0 +1,56 @@
+//! The one error type HTTP handlers return: a status and a stable JSON body. Causes are
+//! logged here and never sent to clients.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An API failure as the client sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed; the message says how.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The body is larger than `--max-event-bytes`.
+    #[error("body exceeds {limit} bytes")]
+    TooLarge {
+        /// The configured limit.
+        limit: u64,
+    },
+    /// No route matches the path.
+    #[error("no such endpoint")]
+    NotFound,
+    /// This replica cannot take another stream now (full or shutting down).
+    #[error("this replica cannot take more streams now")]
+    Overloaded,
+    /// The broker cannot take the request now.
+    #[error("broker unavailable")]
+    Unavailable(#[source] crate::broker::Error),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            Self::Unavailable(cause) => {
+                tracing::warn!(%cause, "request failed: broker unavailable");
+                "the event store is unavailable; retry later".to_owned()
+            }
+            other => other.to_string(),
+        };
+        (status, Json(json!({ "error": code, "message": message }))).into_response()
+    }
+}

@@ -1,0 +1,218 @@
+//! Event ids, event types and the JSON envelope every client receives.
+//!
+//! Ids have the shape of Redis stream ids (`<unix ms>-<seq>`) in both brokers, so a client
+//! can resume with the same `Last-Event-ID` whichever backend or replica serves it.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::value::RawValue;
+
+/// Longest accepted event type, in bytes.
+pub const MAX_TYPE_LEN: usize = 128;
+
+/// Position of an event in the shared history, ordered like a Redis stream id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct EventId {
+    /// Milliseconds since the Unix epoch when the event was stored.
+    pub ms: u64,
+    /// Sequence number within that millisecond.
+    pub seq: u64,
+}
+
+impl EventId {
+    /// Builds an id from its two parts.
+    pub const fn new(ms: u64, seq: u64) -> Self {
+        Self { ms, seq }
+    }
+
+    /// The smallest id that is strictly greater than `self`.
+    pub fn successor(self) -> Self {
+        match self.seq.checked_add(1) {
+            Some(seq) => Self::new(self.ms, seq),
+            None => Self::new(self.ms.saturating_add(1), 0),
+        }
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Why a string is not an [`EventId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event ids look like <ms>-<seq>, both decimal integers")]
+pub struct InvalidEventId;
+
+impl FromStr for EventId {
+    type Err = InvalidEventId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ms, seq) = s.trim().split_once('-').ok_or(InvalidEventId)?;
+        let digits = |part: &str| -> Result<u64, InvalidEventId> {
+            if part.is_empty() || part.len() > 20 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(InvalidEventId);
+            }
+            part.parse().map_err(|_| InvalidEventId)
+        };
+        Ok(Self::new(digits(ms)?, digits(seq)?))
+    }
+}
+
+/// Hands out strictly increasing ids from the wall clock, the way `XADD *` does.
+#[derive(Debug, Default)]
+pub struct IdGenerator {
+    last: EventId,
+}
+
+impl IdGenerator {
+    /// Next id: the current millisecond, or one past the last id if the clock stood still
+    /// or went backwards.
+    pub fn next_id(&mut self) -> EventId {
+        let now = unix_ms();
+        let id = if now > self.last.ms {
+            EventId::new(now, 0)
+        } else {
+            self.last.successor()
+        };
+        self.last = id;
+        id
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why a string is not an acceptable event type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEventType {
+    /// The type is the empty string.
+    #[error("`type` must not be empty")]
+    Empty,
+    /// The type is longer than [`MAX_TYPE_LEN`].
+    #[error("`type` is longer than {MAX_TYPE_LEN} characters")]
+    TooLong,
+    /// The type contains a character outside the allowed set.
+    #[error("`type` may contain only letters, digits, '_', '.', ':' and '-'")]
+    BadCharacter,
+}
+
+/// Checks an event type: 1 to 128 characters from `[A-Za-z0-9_.:-]`.
+pub fn validate_type(event_type: &str) -> Result<(), InvalidEventType> {
+    if event_type.is_empty() {
+        return Err(InvalidEventType::Empty);
+    }
+    if event_type.len() > MAX_TYPE_LEN {
+        return Err(InvalidEventType::TooLong);
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-');
+    if !event_type.bytes().all(allowed) {
+        return Err(InvalidEventType::BadCharacter);
+    }
+    Ok(())
+}
+
+/// Writes the JSON envelope `{"type":…,"data":…,"id":…,"ts":…}` that clients parse.
+///
+/// `data` is inserted verbatim (it is already valid JSON), so numbers and key order
+/// survive exactly as the producer wrote them. `event_type` must have passed
+/// [`validate_type`], which guarantees it needs no JSON escaping.
+pub fn envelope_json(event_type: &str, data: &RawValue, id: Option<EventId>, ts: u64) -> String {
+    let data = data.get();
+    let mut out = String::with_capacity(data.len() + event_type.len() + 64);
+    out.push_str(r#"{"type":""#);
+    out.push_str(event_type);
+    out.push_str(r#"","data":"#);
+    out.push_str(data);
+    if let Some(id) = id {
+        out.push_str(r#","id":""#);
+        out.push_str(&id.to_string());
+        out.push('"');
+    }
+    out.push_str(r#","ts":"#);
+    out.push_str(&ts.to_string());
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_display_and_order_like_redis_stream_ids() {
+        let a: EventId = "1700000000000-0".parse().unwrap();
+        let b: EventId = "1700000000000-1".parse().unwrap();
+        let c: EventId = "1700000000001-0".parse().unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(a.to_string(), "1700000000000-0");
+        assert_eq!(a.successor(), b);
+        assert_eq!(EventId::new(5, u64::MAX).successor(), EventId::new(6, 0));
+    }
+
+    #[test]
+    fn malformed_ids_are_rejected() {
+        for bad in [
+            "",
+            "-",
+            "1-",
+            "-1",
+            "a-1",
+            "1-b",
+            "1",
+            "1-2-3",
+            "+1-2",
+            "99999999999999999999999-0",
+        ] {
+            assert!(bad.parse::<EventId>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn generated_ids_strictly_increase_within_one_millisecond() {
+        let mut ids = IdGenerator::default();
+        let mut last = ids.next_id();
+        for _ in 0..10_000 {
+            let next = ids.next_id();
+            assert!(next > last);
+            last = next;
+        }
+    }
+
+    #[test]
+    fn type_validation_follows_the_documented_alphabet() {
+        assert!(validate_type("cache_updated").is_ok());
+        assert!(validate_type("a.b:c-d_9").is_ok());
+        assert_eq!(validate_type(""), Err(InvalidEventType::Empty));
+        assert_eq!(
+            validate_type(&"x".repeat(129)),
+            Err(InvalidEventType::TooLong)
+        );
+        assert!(validate_type(&"x".repeat(128)).is_ok());
+        assert_eq!(validate_type("a b"), Err(InvalidEventType::BadCharacter));
+        assert_eq!(validate_type("a/b"), Err(InvalidEventType::BadCharacter));
+        assert_eq!(validate_type("é"), Err(InvalidEventType::BadCharacter));
+    }
+
+    #[test]
+    fn envelope_keeps_data_verbatim() {
+        let data =
+            RawValue::from_string(r#"{"n":1.50,"big":123456789012345678901234567890}"#.into())
+                .unwrap();
+        let json = envelope_json("job_updated", &data, Some(EventId::new(1, 2)), 7);
+        assert_eq!(
+            json,
+            r#"{"type":"job_updated","data":{"n":1.50,"big":123456789012345678901234567890},"id":"1-2","ts":7}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["type"], "job_updated");
+    }
+}

@@ -1,0 +1,39 @@
+//! `POST /api/events`: validate a producer's event and hand it to the broker.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::publisher::{self, PublishError};
+use crate::state::AppState;
+
+/// Publishes `{"type": "...", "data": <any JSON>}`; answers `202 {"id": "..."}`.
+pub async fn publish_event(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let limit = state.config.max_event_bytes;
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit }
+        } else {
+            ApiError::BadRequest(format!("cannot read body: {rejection}"))
+        }
+    })?;
+    let request = publisher::parse_request(&body).map_err(ApiError::BadRequest)?;
+    let id = publisher::publish_validated(&state.broker, &request.event_type, request.data, limit)
+        .await
+        .map_err(|error| {
+            state.metrics.publish_errors.inc();
+            match error {
+                PublishError::Broker(cause) => ApiError::Unavailable(cause),
+                PublishError::TooLarge { limit } => ApiError::TooLarge { limit },
+                other => ApiError::BadRequest(other.to_string()),
+            }
+        })?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id.to_string() }))))
+}

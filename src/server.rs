@@ -1,0 +1,220 @@
+//! The accept loop. Each connection's request head is read first: a `GET` of the event
+//! stream is served on the raw socket (see `stream/raw.rs`), everything else is handed,
+//! untouched, to hyper and the axum router.
+
+use std::io;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::http::ConnectionKill;
+use crate::state::AppState;
+use crate::stream::{StreamParams, serve_raw};
+
+/// The path served on the raw socket.
+pub const STREAM_PATH: &str = "/api/events/stream";
+
+/// Longest request head read before deciding how to serve a connection; longer heads go
+/// to hyper, which enforces its own limits.
+const SNIFF_LIMIT: usize = 8192;
+
+/// How long a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed accept (typically out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// How often an incomplete request head is looked at again.
+const PEEK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Accepts connections until the gateway shuts down. Every connection task is tracked.
+pub async fn accept_loop(
+    listener: TcpListener,
+    state: AppState,
+    router: Router,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((socket, _)) => {
+                tracker.spawn(handle_connection(socket, state.clone(), router.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// What the first bytes of a connection say.
+enum Sniffed {
+    /// A stream request whose head is `head_len` bytes long.
+    Stream {
+        head_len: usize,
+        params: StreamParams,
+    },
+    /// Anything else: hyper serves it.
+    Http,
+    /// The client left or sent nothing in time.
+    Gone,
+}
+
+async fn handle_connection(mut socket: TcpStream, state: AppState, router: Router) {
+    let _ = socket.set_nodelay(true);
+    match sniff(&socket).await {
+        Sniffed::Stream { head_len, params } => {
+            let mut head = vec![0u8; head_len];
+            if socket.read_exact(&mut head).await.is_ok() {
+                drop(head);
+                serve_raw(socket, params, state).await;
+            }
+        }
+        Sniffed::Http => serve_http(socket, state, router).await,
+        Sniffed::Gone => {}
+    }
+}
+
+/// Peeks at the request head without consuming it.
+async fn sniff(socket: &TcpStream) -> Sniffed {
+    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    let mut buf = vec![0u8; SNIFF_LIMIT];
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniffed::Gone,
+            Ok(Ok(n)) => n,
+        };
+        match classify(&buf[..peeked]) {
+            Some(sniffed) => return sniffed,
+            None if peeked == buf.len() => return Sniffed::Http,
+            None => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Sniffed::Gone;
+                }
+                tokio::time::sleep(PEEK_INTERVAL).await;
+            }
+        }
+    }
+}
+
+/// Decides from a (possibly partial) head; `None` means more bytes are needed.
+fn classify(head: &[u8]) -> Option<Sniffed> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(head) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return None,
+        Err(_) => return Some(Sniffed::Http),
+    };
+    let (path, query) = match request.path?.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (request.path?, None),
+    };
+    if request.method != Some("GET") || path != STREAM_PATH {
+        return Some(Sniffed::Http);
+    }
+    let last_event_id = request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("last-event-id"))
+        .map(|h| h.value);
+    Some(Sniffed::Stream {
+        head_len,
+        params: StreamParams::parse(query, last_event_id),
+    })
+}
+
+/// Serves a connection with hyper (HTTP/1.1, keep-alive) and the axum router.
+async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
+    let kill = ConnectionKill::default();
+    let kicked = kill.0.clone();
+    let service = router.map_request(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(kill.clone());
+        request
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .serve_connection(TokioIo::new(socket), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => log_connection_error(result),
+        _ = kicked.cancelled() => {}
+        _ = state.shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            if let Ok(result) = tokio::time::timeout(state.config.drain(), connection).await {
+                log_connection_error(result);
+            }
+        }
+    }
+}
+
+fn log_connection_error(result: Result<(), hyper::Error>) {
+    if let Err(error) = result
+        && !error.is_incomplete_message()
+        && !is_disconnect(&error)
+    {
+        tracing::debug!(%error, "http connection ended with an error");
+    }
+}
+
+fn is_disconnect(error: &hyper::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventId;
+
+    #[test]
+    fn stream_requests_are_recognised_with_their_options() {
+        let head =
+            b"GET /api/events/stream?types=a HTTP/1.1\r\nHost: x\r\nlast-event-id: 3-4\r\n\r\n";
+        match classify(head) {
+            Some(Sniffed::Stream { head_len, params }) => {
+                assert_eq!(head_len, head.len());
+                assert_eq!(params.last_event_id, Some(EventId::new(3, 4)));
+                assert!(params.wants("a") && !params.wants("b"));
+            }
+            _ => panic!("not recognised as a stream"),
+        }
+    }
+
+    #[test]
+    fn other_requests_and_garbage_go_to_hyper() {
+        for head in [
+            &b"POST /api/events/stream HTTP/1.1\r\n\r\n"[..],
+            b"GET /api/events/stats HTTP/1.1\r\n\r\n",
+            b"GET /api/events/streamx HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01 garbage\r\n\r\n",
+        ] {
+            assert!(matches!(classify(head), Some(Sniffed::Http)), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more() {
+        assert!(classify(b"GET /api/events/str").is_none());
+        assert!(classify(b"GET /api/events/stream HTTP/1.1\r\nHost: x\r\n").is_none());
+    }
+}

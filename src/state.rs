@@ -1,0 +1,76 @@
+//! Shared handles every request handler and stream needs; cheap to clone.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Everything a handler needs, as handles.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Validated settings.
+    pub config: Arc<Config>,
+    /// This replica's fan-out hub.
+    pub hub: Hub,
+    /// Where events are stored and published.
+    pub broker: Broker,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// This replica's id.
+    pub replica_id: Arc<str>,
+    /// When the gateway started.
+    pub started: Instant,
+    /// Fires when the gateway begins to shut down.
+    pub shutdown: CancellationToken,
+    /// Most stream clients served at once.
+    pub max_clients: usize,
+    /// Response head and `retry:` line that open every raw stream.
+    pub stream_preamble: Bytes,
+    draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    /// Bundles the parts of a gateway.
+    pub fn new(
+        config: Arc<Config>,
+        hub: Hub,
+        broker: Broker,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            replica_id: config.resolved_replica_id().into(),
+            max_clients: config.resolved_max_clients(),
+            stream_preamble: crate::stream::stream_preamble(config.retry_ms),
+            config,
+            hub,
+            broker,
+            metrics,
+            started: Instant::now(),
+            shutdown,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Marks the replica as draining, so `/readyz` turns it away from load balancers.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the replica is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
+    }
+
+    /// Whether the replica should receive new traffic.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_ready()
+    }
+}

@@ -1,0 +1,195 @@
+//! Serving a stream straight on the TCP socket once its request head has been read.
+//!
+//! The response is a fixed head with `Connection: close` (the body ends when the
+//! connection does, which is valid HTTP/1.1 and passes through proxies), then batches of
+//! shared frames written with one vectored write each. Per connection this keeps only
+//! the socket, the session and a small batch vector: no HTTP library buffers.
+
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::session::MAX_BATCH;
+use super::{End, Session, StreamParams};
+use crate::sse;
+use crate::state::AppState;
+
+/// A batch vector that grew past this many slots is released after the write, so a burst
+/// does not leave every client holding a large allocation.
+const KEEP_BATCH_CAPACITY: usize = 4;
+
+/// How long the final `retry:` hint may take to write at shutdown.
+const FAREWELL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The bytes every raw stream starts with: status line, headers and the `retry:` hint.
+pub fn stream_preamble(retry_ms: u64) -> Bytes {
+    let mut head = String::from(
+        "HTTP/1.1 200 OK\r\n\
+         Content-Type: text/event-stream\r\n\
+         Cache-Control: no-cache, no-transform\r\n\
+         X-Accel-Buffering: no\r\n\
+         Access-Control-Allow-Origin: *\r\n\
+         Connection: close\r\n\r\n",
+    );
+    head.push_str(&format!("retry: {retry_ms}\n\n"));
+    Bytes::from(head)
+}
+
+/// Serves one stream on `stream`, whose request head has already been consumed.
+pub async fn serve_raw(mut stream: TcpStream, params: StreamParams, state: AppState) {
+    if state.shutdown.is_cancelled() || state.hub.client_count() >= state.max_clients {
+        let _ = stream.write_all(UNAVAILABLE).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let kill = CancellationToken::new();
+    let mut session = Session::open(&state, params, kill.clone());
+    if stream.write_all(&state.stream_preamble).await.is_err() {
+        return;
+    }
+    let mut batch = Vec::new();
+    let end = loop {
+        let next = tokio::select! {
+            next = session.next_batch(&mut batch) => next,
+            () = closed_by_peer(&stream) => Err(End::ClientGone),
+        };
+        let events = match next {
+            Ok(events) => events,
+            Err(end) => break end,
+        };
+        session.slot().set_writing(true);
+        let written = tokio::select! {
+            biased;
+            _ = kill.cancelled() => Err(End::Slow),
+            _ = state.shutdown.cancelled() => Err(End::Shutdown),
+            written = write_batch(&stream, &mut batch) => written.map_err(|_| End::ClientGone),
+        };
+        session.slot().set_writing(false);
+        if let Err(end) = written {
+            break end;
+        }
+        state.metrics.events_delivered.inc_by(events);
+        batch.clear();
+        if batch.capacity() > KEEP_BATCH_CAPACITY {
+            batch = Vec::new();
+        }
+    };
+    match end {
+        End::Slow => {
+            state.metrics.slow_disconnects.inc();
+            tracing::debug!("disconnected a client that fell behind");
+        }
+        End::Shutdown => {
+            let hint = sse::retry(spread_retry(state.config.retry_ms));
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, stream.write_all(&hint)).await;
+        }
+        End::BrokerUnavailable => {
+            let hint = sse::retry(state.config.retry_ms.min(1000));
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, stream.write_all(&hint)).await;
+        }
+        End::ClientGone => {}
+    }
+    drop(session);
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, stream.shutdown()).await;
+}
+
+/// A reconnect delay drawn from 10–100 % of the configured one, so the clients of a
+/// draining replica do not all reconnect to the survivors in the same instant.
+pub fn spread_retry(retry_ms: u64) -> u64 {
+    use rand::Rng;
+    let low = retry_ms / 10;
+    rand::rng().random_range(low..=retry_ms.max(low))
+}
+
+/// Response for a stream that cannot be served now (full or shutting down).
+const UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: application/json\r\n\
+Retry-After: 1\r\n\
+Connection: close\r\n\
+Content-Length: 77\r\n\r\n\
+{\"error\":\"unavailable\",\"message\":\"this replica cannot take more streams now\"}";
+
+/// Resolves when the client closes its side. Bytes it sends are read and ignored.
+async fn closed_by_peer(stream: &TcpStream) {
+    let mut scratch = [0u8; 32];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes every frame of `batch`, using vectored writes; frames are consumed as written.
+async fn write_batch(stream: &TcpStream, batch: &mut [Bytes]) -> io::Result<()> {
+    let mut start = 0;
+    while start < batch.len() {
+        let result = {
+            let mut slices = [IoSlice::new(&[]); MAX_BATCH];
+            let count = (batch.len() - start).min(MAX_BATCH);
+            for (slice, frame) in slices.iter_mut().zip(&batch[start..start + count]) {
+                *slice = IoSlice::new(frame);
+            }
+            stream.try_write_vectored(&slices[..count])
+        };
+        match result {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(mut written) => {
+                while written > 0 {
+                    let frame = &mut batch[start];
+                    if written >= frame.len() {
+                        written -= frame.len();
+                        start += 1;
+                    } else {
+                        frame.advance(written);
+                        written = 0;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preamble_declares_an_event_stream_and_the_retry_hint() {
+        let head = stream_preamble(5000);
+        let text = std::str::from_utf8(&head).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(text.contains("Content-Type: text/event-stream\r\n"));
+        assert!(text.contains("Cache-Control: no-cache, no-transform\r\n"));
+        assert!(text.contains("X-Accel-Buffering: no\r\n"));
+        assert!(text.ends_with("\r\n\r\nretry: 5000\n\n"));
+    }
+
+    #[test]
+    fn unavailable_response_has_a_correct_length() {
+        let text = std::str::from_utf8(UNAVAILABLE).unwrap();
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
+        serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
+
+    #[test]
+    fn spread_retry_stays_within_ten_to_hundred_percent() {
+        for _ in 0..1000 {
+            let r = spread_retry(5000);
+            assert!((500..=5000).contains(&r));
+        }
+        assert_eq!(spread_retry(0), 0);
+    }
+}
