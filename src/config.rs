@@ -27,6 +27,23 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway (the default).
     Serve,
+    /// Publish one event through Redis (needs --redis-url) and print its id.
+    Publish {
+        /// Event type, e.g. `cache_updated`.
+        #[arg(value_name = "TYPE")]
+        event_type: String,
+        /// Event data as JSON; `null` when omitted.
+        #[arg(value_name = "DATA_JSON")]
+        data: Option<String>,
+        /// Makes a retry with the same key within ten minutes return the first id.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Print cluster stats as JSON: from Redis when --redis-url is set, otherwise from the
+    /// gateway listening on --listen.
+    Stats,
+    /// Exit 0 if the gateway on --listen answers `/healthz` (for container health checks).
+    Healthcheck,
 }
 
 /// Log output format.
@@ -97,6 +114,16 @@ pub struct Config {
     #[arg(long, env = "EVENTFABRIC_REPLICA_ID", global = true)]
     pub replica_id: Option<String>,
 
+    /// Redis URL (`redis://[user:pass@]host:port[/db]`). Unset: a single replica with an
+    /// in-process broker. Set: one replica of a cluster sharing this Redis.
+    #[arg(long, env = "REDIS_URL", global = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel; replicas sharing it form one cluster.
+    #[arg(long, env = "EVENTFABRIC_NAMESPACE", default_value = "eventfabric", global = true,
+          value_parser = parse_namespace)]
+    pub namespace: String,
+
     /// Log format.
     #[arg(long, env = "EVENTFABRIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -105,7 +132,17 @@ pub struct Config {
 impl Config {
     /// Settings as `eventfabric` with no flags and no environment would have them.
     pub fn default_for_tests() -> Self {
-        Cli::parse_from(["eventfabric"]).config
+        let mut config = Cli::parse_from(["eventfabric"]).config;
+        config.redis_url = None;
+        config
+    }
+
+    /// The Redis URL, if one is configured (an empty value counts as none).
+    pub fn redis_url(&self) -> Option<&str> {
+        self.redis_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
     }
 
     /// Heartbeat interval.
@@ -139,6 +176,10 @@ impl Config {
         let limit = open_file_limit().unwrap_or(1024);
         limit.saturating_sub(FD_RESERVE).max(1) as usize
     }
+}
+
+fn parse_namespace(value: &str) -> Result<String, String> {
+    crate::broker::keys::validate_namespace(value).map(|()| value.to_owned())
 }
 
 /// The soft open-file limit of this process, read from `/proc/self/limits`.

@@ -39,7 +39,8 @@ pub use config::Config;
 pub use event::EventId;
 pub use publisher::{PublishError, Publisher};
 
-use broker::{Broker, MemoryBroker};
+use broker::subscriber::Background;
+use broker::{Broker, MemoryBroker, RedisBroker, RedisSettings};
 use hub::Hub;
 use metrics::Metrics;
 use state::AppState;
@@ -50,6 +51,9 @@ pub enum StartError {
     /// The listening socket could not be used.
     #[error("cannot use the listening socket: {0}")]
     Listener(#[source] std::io::Error),
+    /// The broker settings are unusable (for example a malformed Redis URL).
+    #[error("cannot set up the broker: {0}")]
+    Broker(#[source] broker::Error),
 }
 
 /// A built gateway: broker, hub and HTTP state, ready to serve on a listener.
@@ -64,10 +68,21 @@ impl Gateway {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(config.client_queue as usize, Arc::clone(&metrics));
-        let broker = Broker::Memory(Arc::new(MemoryBroker::new(
-            config.history as usize,
-            hub.clone(),
-        )));
+        let broker = match config.redis_url() {
+            None => Broker::Memory(Arc::new(MemoryBroker::new(
+                config.history as usize,
+                hub.clone(),
+            ))),
+            Some(url) => Broker::Redis(Arc::new(
+                RedisBroker::new(RedisSettings {
+                    url: url.to_owned(),
+                    namespace: config.namespace.clone(),
+                    history: config.history,
+                    max_event_bytes: config.max_event_bytes,
+                })
+                .map_err(StartError::Broker)?,
+            )),
+        };
         let state = AppState::new(config, hub, broker, metrics, CancellationToken::new());
         Ok(Self { state })
     }
@@ -106,6 +121,18 @@ impl Gateway {
                 _ = root.cancelled() => {}
             }
         });
+        if let Broker::Redis(redis) = &state.broker {
+            let background = Background {
+                broker: Arc::clone(redis),
+                hub: state.hub.clone(),
+                metrics: Arc::clone(&state.metrics),
+                replica_id: Arc::clone(&state.replica_id),
+                max_event_bytes: state.config.max_event_bytes,
+            };
+            tracker.spawn(background.clone().run_subscriber(state.shutdown.clone()));
+            tracker.spawn(background.clone().run_canary(state.shutdown.clone()));
+            tracker.spawn(background.run_reporter(state.shutdown.clone()));
+        }
         tracing::info!(
             %addr,
             broker = state.broker.kind(),

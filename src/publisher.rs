@@ -64,6 +64,7 @@ pub async fn publish_validated(
     event_type: &str,
     data: Option<&RawValue>,
     max_bytes: u64,
+    idempotency_key: Option<&str>,
 ) -> Result<EventId, PublishError> {
     event::validate_type(event_type)?;
     let null = RawValue::NULL;
@@ -71,7 +72,7 @@ pub async fn publish_validated(
     if (data.get().len() + event_type.len()) as u64 > max_bytes {
         return Err(PublishError::TooLarge { limit: max_bytes });
     }
-    Ok(broker.publish(event_type, data).await?)
+    Ok(broker.publish(event_type, data, idempotency_key).await?)
 }
 
 /// Publishes events from Rust code; cheap to clone.
@@ -102,6 +103,43 @@ impl Publisher {
         Self { broker, max_bytes }
     }
 
+    /// A publisher for another process: writes to the namespace's stream in Redis, from
+    /// where every replica delivers the event. No connection is made until first use.
+    pub fn redis(url: &str, namespace: &str) -> Result<Self, PublishError> {
+        crate::broker::keys::validate_namespace(namespace)
+            .map_err(|why| broker::Error::Rejected(format!("namespace {why}")))?;
+        let settings = crate::broker::RedisSettings {
+            url: url.to_owned(),
+            namespace: namespace.to_owned(),
+            history: 10_000,
+            max_event_bytes: 65_536,
+        };
+        let broker = crate::broker::RedisBroker::new(settings)?;
+        Ok(Self::new(
+            Broker::Redis(std::sync::Arc::new(broker)),
+            65_536,
+        ))
+    }
+
+    /// Publishes like [`Publisher::publish`]; a retry with the same `key` within ten
+    /// minutes returns the first call's id and stores nothing (Redis broker).
+    pub async fn publish_once<T: Serialize + ?Sized>(
+        &self,
+        event_type: &str,
+        data: &T,
+        key: &str,
+    ) -> Result<EventId, PublishError> {
+        let data = serde_json::value::to_raw_value(data)?;
+        publish_validated(
+            &self.broker,
+            event_type,
+            Some(&data),
+            self.max_bytes,
+            Some(key),
+        )
+        .await
+    }
+
     /// Publishes an event of type `event_type` whose `data` is any serialisable value.
     pub async fn publish<T: Serialize + ?Sized>(
         &self,
@@ -109,7 +147,7 @@ impl Publisher {
         data: &T,
     ) -> Result<EventId, PublishError> {
         let data = serde_json::value::to_raw_value(data)?;
-        publish_validated(&self.broker, event_type, Some(&data), self.max_bytes).await
+        publish_validated(&self.broker, event_type, Some(&data), self.max_bytes, None).await
     }
 
     /// `cache_updated`: the cache was rebuilt or invalidated.

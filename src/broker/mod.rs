@@ -5,13 +5,17 @@
 //! stream among all replicas. Both hand out ids of the form `<ms>-<seq>` and answer
 //! "what came after id X", so clients resume the same way whichever one runs.
 
+pub mod keys;
 mod memory;
+pub mod redis;
+pub mod subscriber;
 
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
 pub use memory::MemoryBroker;
+pub use redis::{ClusterStats, RedisBroker, RedisSettings};
 
 use crate::event::EventId;
 use crate::hub::Frame;
@@ -46,13 +50,23 @@ pub struct Replay {
 pub enum Broker {
     /// In-process history, single replica.
     Memory(Arc<MemoryBroker>),
+    /// Shared stream in Redis, any number of replicas.
+    Redis(Arc<RedisBroker>),
 }
 
 impl Broker {
-    /// Stores an event and fans it out; returns its id. `event_type` must be valid.
-    pub async fn publish(&self, event_type: &str, data: &RawValue) -> Result<EventId, Error> {
+    /// Stores an event and fans it out; returns its id. `event_type` must be valid. With
+    /// Redis, a retry carrying the same `idempotency_key` within ten minutes returns the
+    /// first id and stores nothing; the in-process broker has no retries to absorb.
+    pub async fn publish(
+        &self,
+        event_type: &str,
+        data: &RawValue,
+        idempotency_key: Option<&str>,
+    ) -> Result<EventId, Error> {
         match self {
             Self::Memory(broker) => Ok(broker.publish(event_type, data)),
+            Self::Redis(broker) => broker.publish(event_type, data, idempotency_key).await,
         }
     }
 
@@ -60,6 +74,7 @@ impl Broker {
     pub async fn replay(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
         match self {
             Self::Memory(broker) => Ok(broker.replay(after, limit)),
+            Self::Redis(broker) => broker.replay(after, limit).await,
         }
     }
 
@@ -67,6 +82,7 @@ impl Broker {
     pub fn is_ready(&self) -> bool {
         match self {
             Self::Memory(_) => true,
+            Self::Redis(broker) => broker.status.is_live(),
         }
     }
 
@@ -74,6 +90,7 @@ impl Broker {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Memory(_) => "memory",
+            Self::Redis(_) => "redis",
         }
     }
 }

@@ -4,16 +4,18 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::json;
 
 use crate::error::ApiError;
 use crate::publisher::{self, PublishError};
 use crate::state::AppState;
 
-/// Publishes `{"type": "...", "data": <any JSON>}`; answers `202 {"id": "..."}`.
+/// Publishes `{"type": "...", "data": <any JSON>}`; answers `202 {"id": "..."}`. An
+/// `Idempotency-Key` header makes retries safe with the Redis broker.
 pub async fn publish_event(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let limit = state.config.max_event_bytes;
@@ -25,15 +27,35 @@ pub async fn publish_event(
         }
     })?;
     let request = publisher::parse_request(&body).map_err(ApiError::BadRequest)?;
-    let id = publisher::publish_validated(&state.broker, &request.event_type, request.data, limit)
-        .await
-        .map_err(|error| {
-            state.metrics.publish_errors.inc();
-            match error {
-                PublishError::Broker(cause) => ApiError::Unavailable(cause),
-                PublishError::TooLarge { limit } => ApiError::TooLarge { limit },
-                other => ApiError::BadRequest(other.to_string()),
-            }
-        })?;
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|key| !key.is_empty() && key.len() <= 200)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "`Idempotency-Key` must be 1 to 200 visible ASCII characters".to_owned(),
+                    )
+                })?,
+        ),
+    };
+    let id = publisher::publish_validated(
+        &state.broker,
+        &request.event_type,
+        request.data,
+        limit,
+        idempotency_key,
+    )
+    .await
+    .map_err(|error| {
+        state.metrics.publish_errors.inc();
+        match error {
+            PublishError::Broker(cause) => ApiError::Unavailable(cause),
+            PublishError::TooLarge { limit } => ApiError::TooLarge { limit },
+            other => ApiError::BadRequest(other.to_string()),
+        }
+    })?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id.to_string() }))))
 }
