@@ -58,10 +58,10 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    shutdown::cancel_on_signal(shutdown.clone()).context("cannot install signal handlers")?;
     let listener =
         bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown::cancel_on_signal(shutdown.clone()));
     eventfabric::run(config, listener, shutdown).await?;
     Ok(())
 }

@@ -1,24 +1,21 @@
 //! Turning SIGTERM and SIGINT into the cancellation of the root token.
 
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// Waits for SIGTERM or SIGINT, then cancels `token`.
-pub async fn cancel_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        _ => {
-            tracing::error!("cannot install signal handlers; stop the process with SIGKILL");
-            return;
+/// Installs SIGTERM and SIGINT handlers now, before anything is served, so a signal that
+/// arrives right after start-up still drains instead of killing the process; a spawned
+/// task then cancels `token` on the first of them. Must be called inside the runtime.
+pub fn cancel_on_signal(token: CancellationToken) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+            _ = token.cancelled() => return,
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
-        _ = token.cancelled() => return,
-    }
-    token.cancel();
+        token.cancel();
+    });
+    Ok(())
 }
