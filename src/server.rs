@@ -72,17 +72,19 @@ enum Sniffed {
     Gone,
 }
 
+/// Serves one connection. The two serving paths are boxed so the task is sized for the
+/// path it takes, not for the larger of the two (an idle stream's memory is mostly this).
 async fn handle_connection(mut socket: TcpStream, state: AppState, router: Router) {
     let _ = socket.set_nodelay(true);
-    match sniff(&socket).await {
+    match Box::pin(sniff(&socket)).await {
         Sniffed::Stream { head_len, params } => {
             let mut head = vec![0u8; head_len];
             if socket.read_exact(&mut head).await.is_ok() {
                 drop(head);
-                serve_raw(socket, params, state).await;
+                Box::pin(serve_raw(socket, params, state)).await;
             }
         }
-        Sniffed::Http => serve_http(socket, state, router).await,
+        Sniffed::Http => Box::pin(serve_http(socket, state, router)).await,
         Sniffed::Gone => {}
     }
 }

@@ -193,3 +193,35 @@ mod tests {
         assert_eq!(spread_retry(0), 0);
     }
 }
+#[cfg(test)]
+mod size_tests {
+    use crate::stream::Session;
+
+    /// Every idle client holds one of these futures for its whole life, so its size is
+    /// most of the per-connection memory budget (2 KB); keep large futures boxed.
+    #[tokio::test]
+    async fn an_idle_stream_task_stays_small() {
+        let gateway = crate::Gateway::build(crate::Config::default_for_tests())
+            .await
+            .unwrap();
+        let state = gateway.state().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let serving = super::serve_raw(stream, Default::default(), state.clone());
+        assert!(
+            std::mem::size_of_val(&serving) <= 1280,
+            "{}",
+            std::mem::size_of_val(&serving)
+        );
+        let mut session = Session::open(&state, Default::default(), Default::default());
+        let mut out = Vec::new();
+        let waiting = session.next_batch(&mut out);
+        assert!(
+            std::mem::size_of_val(&waiting) <= 512,
+            "{}",
+            std::mem::size_of_val(&waiting)
+        );
+    }
+}

@@ -139,7 +139,9 @@ impl Session {
         let page = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return Err(End::Shutdown),
-            page = self.broker.replay(after, REPLAY_PAGE) => page,
+            // Boxed: the Redis call's future is several KB, and it would otherwise be
+            // part of every idle client's task for the client's whole life.
+            page = Box::pin(self.broker.replay(after, REPLAY_PAGE)) => page,
         };
         let page = page.map_err(|error| {
             tracing::warn!(%error, "cannot replay history");
