@@ -26,6 +26,9 @@ pub const STREAM_PATH: &str = "/api/events/stream";
 /// to hyper, which enforces its own limits.
 const SNIFF_LIMIT: usize = 8192;
 
+/// First size of the sniffing buffer.
+const SNIFF_START: usize = 1024;
+
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -49,7 +52,12 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((socket, _)) => {
-                tracker.spawn(handle_connection(socket, state.clone(), router.clone()));
+                tracker.spawn(handle_connection(
+                    socket,
+                    state.clone(),
+                    router.clone(),
+                    tracker.clone(),
+                ));
             }
             Err(error) => {
                 tracing::warn!(%error, "accept failed; backing off");
@@ -61,27 +69,28 @@ pub async fn accept_loop(
 
 /// What the first bytes of a connection say.
 enum Sniffed {
-    /// A stream request whose head is `head_len` bytes long.
-    Stream {
-        head_len: usize,
-        params: StreamParams,
-    },
+    /// A stream request; `head` is as long as its request head and can take it.
+    Stream { head: Vec<u8>, params: StreamParams },
     /// Anything else: hyper serves it.
     Http,
     /// The client left or sent nothing in time.
     Gone,
 }
 
-/// Serves one connection. The two serving paths are boxed so the task is sized for the
-/// path it takes, not for the larger of the two (an idle stream's memory is mostly this).
-async fn handle_connection(mut socket: TcpStream, state: AppState, router: Router) {
+/// Serves one connection. A stream moves to a task of its own, sized for the stream alone,
+/// so an idle client's memory is that task and nothing left over from the sniffing.
+async fn handle_connection(
+    mut socket: TcpStream,
+    state: AppState,
+    router: Router,
+    tracker: TaskTracker,
+) {
     let _ = socket.set_nodelay(true);
-    match Box::pin(sniff(&socket)).await {
-        Sniffed::Stream { head_len, params } => {
-            let mut head = vec![0u8; head_len];
+    match sniff(&socket).await {
+        Sniffed::Stream { mut head, params } => {
             if socket.read_exact(&mut head).await.is_ok() {
                 drop(head);
-                Box::pin(serve_raw(socket, params, state)).await;
+                tracker.spawn(serve_raw(socket, params, state));
             }
         }
         Sniffed::Http => Box::pin(serve_http(socket, state, router)).await,
@@ -89,18 +98,24 @@ async fn handle_connection(mut socket: TcpStream, state: AppState, router: Route
     }
 }
 
-/// Peeks at the request head without consuming it.
+/// Peeks at the request head without consuming it, in a buffer that starts small (most
+/// heads fit in 1 KB) and doubles up to [`SNIFF_LIMIT`].
 async fn sniff(socket: &TcpStream) -> Sniffed {
     let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
-    let mut buf = vec![0u8; SNIFF_LIMIT];
+    let mut buf = vec![0u8; SNIFF_START];
     loop {
         let peeked = match tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniffed::Gone,
             Ok(Ok(n)) => n,
         };
         match classify(&buf[..peeked]) {
-            Some(sniffed) => return sniffed,
-            None if peeked == buf.len() => return Sniffed::Http,
+            Some(Classified::Stream { head_len, params }) => {
+                buf.truncate(head_len);
+                return Sniffed::Stream { head: buf, params };
+            }
+            Some(Classified::Http) => return Sniffed::Http,
+            None if peeked == buf.len() && buf.len() >= SNIFF_LIMIT => return Sniffed::Http,
+            None if peeked == buf.len() => buf.resize(buf.len() * 2, 0),
             None => {
                 if tokio::time::Instant::now() >= deadline {
                     return Sniffed::Gone;
@@ -111,28 +126,39 @@ async fn sniff(socket: &TcpStream) -> Sniffed {
     }
 }
 
+/// How a complete request head is served.
+enum Classified {
+    /// A stream request whose head is `head_len` bytes long.
+    Stream {
+        head_len: usize,
+        params: StreamParams,
+    },
+    /// Anything else.
+    Http,
+}
+
 /// Decides from a (possibly partial) head; `None` means more bytes are needed.
-fn classify(head: &[u8]) -> Option<Sniffed> {
+fn classify(head: &[u8]) -> Option<Classified> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(head) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
-        Err(_) => return Some(Sniffed::Http),
+        Err(_) => return Some(Classified::Http),
     };
     let (path, query) = match request.path?.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (request.path?, None),
     };
     if request.method != Some("GET") || path != STREAM_PATH {
-        return Some(Sniffed::Http);
+        return Some(Classified::Http);
     }
     let last_event_id = request
         .headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("last-event-id"))
         .map(|h| h.value);
-    Some(Sniffed::Stream {
+    Some(Classified::Stream {
         head_len,
         params: StreamParams::parse(query, last_event_id),
     })
@@ -193,7 +219,7 @@ mod tests {
         let head =
             b"GET /api/events/stream?types=a HTTP/1.1\r\nHost: x\r\nlast-event-id: 3-4\r\n\r\n";
         match classify(head) {
-            Some(Sniffed::Stream { head_len, params }) => {
+            Some(Classified::Stream { head_len, params }) => {
                 assert_eq!(head_len, head.len());
                 assert_eq!(params.last_event_id, Some(EventId::new(3, 4)));
                 assert!(params.wants("a") && !params.wants("b"));
@@ -210,7 +236,7 @@ mod tests {
             b"GET /api/events/streamx HTTP/1.1\r\n\r\n",
             b"\x16\x03\x01 garbage\r\n\r\n",
         ] {
-            assert!(matches!(classify(head), Some(Sniffed::Http)), "{head:?}");
+            assert!(matches!(classify(head), Some(Classified::Http)), "{head:?}");
         }
     }
 

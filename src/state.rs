@@ -12,9 +12,23 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
-/// Everything a handler needs, as handles.
+/// Everything a handler needs; one pointer wide, so every connection can hold a copy.
 #[derive(Debug, Clone)]
 pub struct AppState {
+    inner: Arc<SharedState>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = SharedState;
+
+    fn deref(&self) -> &SharedState {
+        &self.inner
+    }
+}
+
+/// The parts of a gateway that handlers and streams use.
+#[derive(Debug)]
+pub struct SharedState {
     /// Validated settings.
     pub config: Arc<Config>,
     /// This replica's fan-out hub.
@@ -33,7 +47,7 @@ pub struct AppState {
     pub max_clients: usize,
     /// Response head and `retry:` line that open every raw stream.
     pub stream_preamble: Bytes,
-    draining: Arc<AtomicBool>,
+    draining: AtomicBool,
 }
 
 impl AppState {
@@ -45,7 +59,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
-        Self {
+        let inner = SharedState {
             replica_id: config.resolved_replica_id().into(),
             max_clients: config.resolved_max_clients(),
             stream_preamble: crate::stream::stream_preamble(config.retry_ms),
@@ -55,7 +69,10 @@ impl AppState {
             metrics,
             started: Instant::now(),
             shutdown,
-            draining: Arc::new(AtomicBool::new(false)),
+            draining: AtomicBool::new(false),
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
 

@@ -211,7 +211,7 @@ mod size_tests {
             .unwrap();
         let serving = super::serve_raw(stream, Default::default(), state.clone());
         assert!(
-            std::mem::size_of_val(&serving) <= 1280,
+            std::mem::size_of_val(&serving) <= 1024,
             "{}",
             std::mem::size_of_val(&serving)
         );
