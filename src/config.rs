@@ -12,7 +12,13 @@ const FD_RESERVE: u64 = 500;
 /// eventfabric: a Server-Sent Events gateway. Producers publish events; every connected
 /// browser receives them, and can resume after a reconnect without losing any.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "Logging: RUST_LOG sets the filter (default: eventfabric=info).\n\
+                  Every option can also be set by the environment variable shown with it."
+)]
 pub struct Cli {
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
@@ -116,7 +122,7 @@ pub struct Config {
 
     /// Redis URL (`redis://[user:pass@]host:port[/db]`). Unset: a single replica with an
     /// in-process broker. Set: one replica of a cluster sharing this Redis.
-    #[arg(long, env = "REDIS_URL", global = true)]
+    #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Prefix of every Redis key and channel; replicas sharing it form one cluster.

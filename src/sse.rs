@@ -37,6 +37,16 @@ pub fn retry(ms: u64) -> Bytes {
     Bytes::from(format!("retry: {ms}\n\n"))
 }
 
+/// The message telling a client that events after `last_event_id` are no longer kept, so
+/// it should reload current state. It carries no `id:`, so the client's position is kept.
+pub fn history_truncated(last_event_id: EventId) -> Bytes {
+    let json = format!(
+        r#"{{"type":"history_truncated","data":{{"last_event_id":"{last_event_id}","reason":"events after this id are no longer retained; reload current state"}},"ts":{}}}"#,
+        crate::event::unix_ms()
+    );
+    message(None, &json)
+}
+
 /// Splits on `\r\n`, `\n` and `\r`, as the SSE parser does; always yields at least one line.
 fn split_lines(data: &str) -> impl Iterator<Item = &str> {
     let mut rest = Some(data);

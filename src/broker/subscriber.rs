@@ -145,8 +145,20 @@ impl Background {
             return Ok(());
         };
         let mut filled = 0usize;
+        let mut first_page = true;
         loop {
             let page = self.broker.replay(after, REPLAY_PAGE).await?;
+            if first_page && page.truncated {
+                // The outage outlasted the stream's retention: every client here missed
+                // events that are gone, so tell them all to reload.
+                tracing::warn!(after = %after, "events missed during the outage are no longer kept");
+                self.hub.broadcast(Arc::new(Frame {
+                    id: None,
+                    event_type: None,
+                    bytes: sse::history_truncated(after),
+                }));
+            }
+            first_page = false;
             for frame in page.frames {
                 if let Some(id) = frame.id {
                     after = id;

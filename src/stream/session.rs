@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::StreamParams;
 use crate::broker::{Broker, REPLAY_PAGE};
-use crate::event::{EventId, unix_ms};
+use crate::event::EventId;
 use crate::hub::{ClientSlot, Delivery, Frame, Subscription};
 use crate::metrics::Metrics;
 use crate::sse;
@@ -150,7 +150,7 @@ impl Session {
         if page.truncated && Some(after) == self.params.last_event_id {
             // The client missed events we no longer have: tell it to reload, then go live.
             self.metrics.history_truncated.inc();
-            out.push(truncated_notice(after));
+            out.push(sse::history_truncated(after));
             self.replay_after = None;
             return Ok(0);
         }
@@ -164,13 +164,4 @@ impl Session {
         };
         Ok(events)
     }
-}
-
-/// The message telling a resuming client that part of what it missed is gone.
-fn truncated_notice(last_event_id: EventId) -> Bytes {
-    let json = format!(
-        r#"{{"type":"history_truncated","data":{{"last_event_id":"{last_event_id}","reason":"events after this id are no longer retained; reload current state"}},"ts":{}}}"#,
-        unix_ms()
-    );
-    sse::message(None, &json)
 }
