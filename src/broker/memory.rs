@@ -1,11 +1,11 @@
 //! In-process broker: a bounded history ring in this process, for the single-replica mode.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::value::RawValue;
 
 use super::Replay;
+use super::history::HistoryRing;
 use crate::event::{self, EventId, IdGenerator};
 use crate::hub::{Frame, Hub};
 use crate::sse;
@@ -13,19 +13,16 @@ use crate::sse;
 /// Keeps the last `capacity` events and broadcasts each one as it is published.
 #[derive(Debug)]
 pub struct MemoryBroker {
-    state: Mutex<History>,
+    state: Mutex<State>,
     hub: Hub,
     /// Ids below this were handed out by an earlier process, whose history is gone.
     epoch: EventId,
 }
 
 #[derive(Debug)]
-struct History {
+struct State {
     ids: IdGenerator,
-    frames: VecDeque<Arc<Frame>>,
-    capacity: usize,
-    /// Newest id dropped from the ring, if any.
-    newest_dropped: Option<EventId>,
+    history: HistoryRing,
 }
 
 impl MemoryBroker {
@@ -34,11 +31,9 @@ impl MemoryBroker {
         let mut ids = IdGenerator::default();
         let epoch = ids.next_id();
         Self {
-            state: Mutex::new(History {
+            state: Mutex::new(State {
                 ids,
-                frames: VecDeque::with_capacity(capacity.min(4096)),
-                capacity,
-                newest_dropped: None,
+                history: HistoryRing::new(capacity),
             }),
             hub,
             epoch,
@@ -52,16 +47,7 @@ impl MemoryBroker {
         let id = state.ids.next_id();
         let json = event::envelope_json(event_type, data, Some(id), id.ms);
         let frame = Frame::event(Some(id), event_type, sse::message(Some(id), &json));
-        if state.capacity > 0 {
-            if state.frames.len() == state.capacity
-                && let Some(dropped) = state.frames.pop_front()
-            {
-                state.newest_dropped = dropped.id;
-            }
-            state.frames.push_back(Arc::clone(&frame));
-        } else {
-            state.newest_dropped = Some(id);
-        }
+        state.history.push(&frame);
         self.hub.broadcast(frame);
         id
     }
@@ -69,22 +55,12 @@ impl MemoryBroker {
     /// Retained events after `after`, oldest first, at most `limit`.
     pub fn replay(&self, after: EventId, limit: usize) -> Replay {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let truncated = after < self.epoch || state.newest_dropped.is_some_and(|d| d > after);
-        let start = state
-            .frames
-            .partition_point(|f| f.id.is_some_and(|id| id <= after));
-        let frames: Vec<_> = state
-            .frames
-            .iter()
-            .skip(start)
-            .take(limit)
-            .cloned()
-            .collect();
-        let more = state.frames.len() - start > frames.len();
+        let truncated = after < self.epoch || state.history.dropped_after(after);
+        let slice = state.history.after(after, limit);
         Replay {
-            frames,
+            frames: slice.frames,
             truncated,
-            more,
+            more: slice.more,
         }
     }
 }
@@ -93,6 +69,7 @@ impl MemoryBroker {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use std::sync::Arc;
 
     fn broker(capacity: usize) -> MemoryBroker {
         MemoryBroker::new(capacity, Hub::new(10, Arc::new(Metrics::new())))

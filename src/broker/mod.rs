@@ -5,6 +5,7 @@
 //! stream among all replicas. Both hand out ids of the form `<ms>-<seq>` and answer
 //! "what came after id X", so clients resume the same way whichever one runs.
 
+pub mod history;
 pub mod keys;
 mod memory;
 pub mod redis;

@@ -6,13 +6,14 @@
 //! when Redis comes back without the library, it is loaded again on first use.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use serde_json::value::RawValue;
 
+use super::history::HistoryRing;
 use super::keys::Keys;
 use super::{Error, Replay};
 use crate::event::{self, EventId, unix_ms};
@@ -100,6 +101,10 @@ pub struct RedisBroker {
     settings: RedisSettings,
     /// Health of this replica's subscription.
     pub status: Arc<SubscriptionStatus>,
+    /// Events this replica's subscription delivered, gap-free: resumes that fall inside it
+    /// (the usual case, even for a storm of clients moving from a dead replica) are
+    /// answered from memory instead of Redis.
+    recent: Mutex<HistoryRing>,
 }
 
 impl RedisBroker {
@@ -123,6 +128,9 @@ impl RedisBroker {
             client,
             pool,
             keys: Keys::new(&settings.namespace),
+            recent: Mutex::new(HistoryRing::new(
+                usize::try_from(settings.history).unwrap_or(usize::MAX),
+            )),
             settings,
             status: Arc::new(SubscriptionStatus::default()),
         })
@@ -191,8 +199,39 @@ impl RedisBroker {
             .map_err(|_| Error::Rejected(format!("Redis returned an unexpected id {id:?}")))
     }
 
-    /// Stored events after `after`, at most `limit`, encoded as frames.
+    /// Records an event the subscription delivered, in id order.
+    pub fn remember(&self, frame: &Arc<Frame>) {
+        self.recent().push(frame);
+    }
+
+    /// Forgets the delivered events: there is a gap after them that cannot be filled.
+    pub fn forget_recent(&self) {
+        self.recent().clear();
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, HistoryRing> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stored events after `after`, at most `limit`, encoded as frames: from this
+    /// replica's memory when it holds everything after `after`, else from the stream.
     pub async fn replay(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
+        {
+            let recent = self.recent();
+            if recent.covers(after) {
+                let slice = recent.after(after, limit);
+                return Ok(Replay {
+                    frames: slice.frames,
+                    truncated: false,
+                    more: slice.more,
+                });
+            }
+        }
+        self.replay_from_stream(after, limit).await
+    }
+
+    /// Stored events after `after`, read from the stream in Redis.
+    pub async fn replay_from_stream(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
         let mut conn = self.connection().await?;
         let mut call = redis::cmd("FCALL_RO");
         call.arg("eventfabric_replay")

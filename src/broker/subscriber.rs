@@ -147,8 +147,9 @@ impl Background {
         let mut filled = 0usize;
         let mut first_page = true;
         loop {
-            let page = self.broker.replay(after, REPLAY_PAGE).await?;
+            let page = self.broker.replay_from_stream(after, REPLAY_PAGE).await?;
             if first_page && page.truncated {
+                self.broker.forget_recent();
                 // The outage outlasted the stream's retention: every client here missed
                 // events that are gone, so tell them all to reload.
                 tracing::warn!(after = %after, "events missed during the outage are no longer kept");
@@ -164,6 +165,7 @@ impl Background {
                     after = id;
                     *last_id = Some(id);
                 }
+                self.broker.remember(&frame);
                 self.hub.broadcast(frame);
                 filled += 1;
             }
@@ -190,6 +192,7 @@ impl Background {
                     }
                     *last_id = Some(id);
                 }
+                self.broker.remember(&frame);
                 self.hub.broadcast(frame);
             }
             Err(reason) => {

@@ -1,0 +1,148 @@
+//! A bounded, id-ordered ring of recent events, answering "what came after id X" from
+//! memory. The in-process broker keeps its whole history here; the Redis broker keeps the
+//! events its subscription delivered, so a reconnect storm is served without Redis.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::event::EventId;
+use crate::hub::Frame;
+
+/// Recent events with ids, oldest first, ids strictly increasing.
+#[derive(Debug)]
+pub struct HistoryRing {
+    frames: VecDeque<Arc<Frame>>,
+    capacity: usize,
+    /// Newest id dropped from the ring, if any.
+    newest_dropped: Option<EventId>,
+}
+
+/// Events after an id, as far as the ring holds them.
+#[derive(Debug)]
+pub struct RingSlice {
+    /// Events after the requested id, oldest first.
+    pub frames: Vec<Arc<Frame>>,
+    /// More events follow the last one returned.
+    pub more: bool,
+}
+
+impl HistoryRing {
+    /// An empty ring holding at most `capacity` events.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            frames: VecDeque::with_capacity(capacity.min(4096)),
+            capacity,
+            newest_dropped: None,
+        }
+    }
+
+    /// Appends an event; frames without an id, or not newer than the newest, are ignored.
+    pub fn push(&mut self, frame: &Arc<Frame>) {
+        let Some(id) = frame.id else { return };
+        if self.newest().is_some_and(|newest| id <= newest) {
+            return;
+        }
+        if self.capacity == 0 {
+            self.newest_dropped = Some(id);
+            return;
+        }
+        if self.frames.len() == self.capacity
+            && let Some(dropped) = self.frames.pop_front()
+        {
+            self.newest_dropped = dropped.id;
+        }
+        self.frames.push_back(Arc::clone(frame));
+    }
+
+    /// Forgets everything (the ring is no longer known to be gap-free).
+    pub fn clear(&mut self) {
+        self.frames.clear();
+        self.newest_dropped = None;
+    }
+
+    /// Id of the newest event held.
+    pub fn newest(&self) -> Option<EventId> {
+        self.frames.back().and_then(|f| f.id)
+    }
+
+    /// Whether some event newer than `after` has been dropped from the ring.
+    pub fn dropped_after(&self, after: EventId) -> bool {
+        self.newest_dropped.is_some_and(|dropped| dropped > after)
+    }
+
+    /// Whether the ring can answer for everything after `after`: it holds an event at or
+    /// before `after`, so nothing between `after` and its first event is missing.
+    pub fn covers(&self, after: EventId) -> bool {
+        self.frames
+            .front()
+            .and_then(|f| f.id)
+            .is_some_and(|first| first <= after)
+    }
+
+    /// Held events after `after`, at most `limit`.
+    pub fn after(&self, after: EventId, limit: usize) -> RingSlice {
+        let start = self
+            .frames
+            .partition_point(|f| f.id.is_some_and(|id| id <= after));
+        let frames: Vec<_> = self
+            .frames
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect();
+        let more = self.frames.len() - start > frames.len();
+        RingSlice { frames, more }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn frame(ms: u64) -> Arc<Frame> {
+        Frame::event(Some(EventId::new(ms, 0)), "t", Bytes::new())
+    }
+
+    #[test]
+    fn after_returns_newer_events_in_order_and_pages() {
+        let mut ring = HistoryRing::new(10);
+        for ms in 1..=5 {
+            ring.push(&frame(ms));
+        }
+        let slice = ring.after(EventId::new(2, 0), 2);
+        let ids: Vec<_> = slice.frames.iter().map(|f| f.id.unwrap().ms).collect();
+        assert_eq!(ids, [3, 4]);
+        assert!(slice.more);
+        assert!(!ring.after(EventId::new(3, 0), 10).more);
+    }
+
+    #[test]
+    fn coverage_and_drops_follow_the_capacity() {
+        let mut ring = HistoryRing::new(3);
+        for ms in 1..=5 {
+            ring.push(&frame(ms));
+        }
+        assert!(!ring.covers(EventId::new(2, 0)));
+        assert!(ring.covers(EventId::new(3, 0)));
+        assert!(ring.covers(EventId::new(9, 0)));
+        assert!(ring.dropped_after(EventId::new(1, 0)));
+        assert!(!ring.dropped_after(EventId::new(2, 0)));
+    }
+
+    #[test]
+    fn stale_or_idless_frames_are_not_stored() {
+        let mut ring = HistoryRing::new(3);
+        ring.push(&frame(5));
+        ring.push(&frame(4));
+        ring.push(&Arc::new(Frame {
+            id: None,
+            event_type: None,
+            bytes: Bytes::new(),
+        }));
+        assert_eq!(ring.after(EventId::new(0, 0), 10).frames.len(), 1);
+        ring.clear();
+        assert_eq!(ring.newest(), None);
+    }
+}
