@@ -29,6 +29,9 @@ const LIBRARY_VERSION: i64 = 1;
 /// How long a command may wait for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long one Redis command may take before the caller is told Redis is unavailable.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long a replica counts as alive after its last heartbeat.
 pub const REPLICA_TTL: Duration = Duration::from_secs(10);
 
@@ -157,23 +160,29 @@ impl RedisBroker {
     /// this replica's history and size settings for it.
     pub async fn prepare(&self) -> Result<(), Error> {
         let mut conn = self.connection().await?;
-        let loaded: Result<i64, RedisError> = redis::cmd("FCALL_RO")
-            .arg("eventfabric_version")
-            .arg(0)
-            .query_async(&mut *conn)
-            .await;
+        let loaded: Result<i64, Error> = bounded(
+            redis::cmd("FCALL_RO")
+                .arg("eventfabric_version")
+                .arg(0)
+                .query_async(&mut *conn),
+        )
+        .await;
+        if let Err(Error::Unavailable(why)) = loaded {
+            return Err(Error::Unavailable(why));
+        }
         if !matches!(loaded, Ok(v) if v >= LIBRARY_VERSION) {
             load_library(&mut conn).await?;
         }
-        let _: () = redis::cmd("HSET")
-            .arg(&self.keys.config)
-            .arg("history")
-            .arg(self.settings.history)
-            .arg("max_event_bytes")
-            .arg(self.settings.max_event_bytes)
-            .query_async(&mut *conn)
-            .await
-            .map_err(classify)?;
+        let _: () = bounded(
+            redis::cmd("HSET")
+                .arg(&self.keys.config)
+                .arg("history")
+                .arg(self.settings.history)
+                .arg("max_event_bytes")
+                .arg(self.settings.max_event_bytes)
+                .query_async(&mut *conn),
+        )
+        .await?;
         Ok(())
     }
 
@@ -256,27 +265,29 @@ impl RedisBroker {
     /// The id of the newest stored event, if any.
     pub async fn newest_id(&self) -> Result<Option<EventId>, Error> {
         let mut conn = self.connection().await?;
-        let newest: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
-            .arg(&self.keys.stream)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut *conn)
-            .await
-            .map_err(classify)?;
+        let newest: Vec<(String, Vec<String>)> = bounded(
+            redis::cmd("XREVRANGE")
+                .arg(&self.keys.stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut *conn),
+        )
+        .await?;
         Ok(newest.first().and_then(|(id, _)| id.parse().ok()))
     }
 
     /// Publishes this replica's readiness canary.
     pub async fn send_canary(&self, channel: &str) -> Result<(), Error> {
         let mut conn = self.connection().await?;
-        let _: i64 = redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(unix_ms())
-            .query_async(&mut *conn)
-            .await
-            .map_err(classify)?;
+        let _: i64 = bounded(
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(unix_ms())
+                .query_async(&mut *conn),
+        )
+        .await?;
         Ok(())
     }
 
@@ -337,25 +348,39 @@ impl RedisBroker {
         conn: &mut deadpool_redis::Connection,
         call: &redis::Cmd,
     ) -> Result<T, Error> {
-        match call.query_async(&mut **conn).await {
-            Err(e) if is_missing_function(&e) => {
+        match bounded(call.query_async(&mut **conn)).await {
+            Err(Error::Rejected(detail)) if detail.contains("Function not found") => {
                 tracing::info!("function library missing in Redis; loading it");
                 load_library(conn).await?;
-                call.query_async(&mut **conn).await.map_err(classify)
+                bounded(call.query_async(&mut **conn)).await
             }
-            other => other.map_err(classify),
+            other => other,
         }
     }
 }
 
+/// Runs one Redis command with a deadline. A command that times out may still have run
+/// (the caller learns `Unavailable` and may retry, safely with an idempotency key).
+async fn bounded<T>(
+    command: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
+        Ok(result) => result.map_err(classify),
+        Err(_) => Err(Error::Unavailable(
+            "Redis did not answer in time".to_owned(),
+        )),
+    }
+}
+
 async fn load_library(conn: &mut deadpool_redis::Connection) -> Result<(), Error> {
-    let _: String = redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg("REPLACE")
-        .arg(FUNCTION_LIBRARY)
-        .query_async(&mut **conn)
-        .await
-        .map_err(classify)?;
+    let _: String = bounded(
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(FUNCTION_LIBRARY)
+            .query_async(&mut **conn),
+    )
+    .await?;
     Ok(())
 }
 
@@ -380,13 +405,6 @@ fn stored_frame(id: &str, fields: &[String]) -> Option<Arc<Frame>> {
         event_type,
         sse::message(Some(id), &json),
     ))
-}
-
-fn is_missing_function(error: &RedisError) -> bool {
-    error
-        .detail()
-        .is_some_and(|d| d.contains("Function not found"))
-        || error.to_string().contains("Function not found")
 }
 
 /// Server replies to a bad request are rejections; everything else means Redis is not
