@@ -7,5 +7,6 @@
 #![allow(clippy::unwrap_used)]
 #![allow(missing_docs)]
 
+mod fabric;
 mod harness;
 mod single_replica;

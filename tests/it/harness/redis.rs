@@ -59,6 +59,24 @@ impl RedisProc {
         panic!("could not start redis-server: {last_err}");
     }
 
+    /// Starts an own `redis-server` on `port` (ignores `REDIS_URL`), e.g. for a gateway
+    /// that was started while nothing listened there. Panics if it cannot be started.
+    pub fn start_on_port(port: u16) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("eventfabric-redis-")
+            .tempdir()
+            .expect("create temp dir for redis");
+        let child = spawn_redis(port, dir.path())
+            .unwrap_or_else(|e| panic!("could not start redis-server on port {port}: {e}"));
+        RedisProc {
+            url: format!("redis://127.0.0.1:{port}/"),
+            port,
+            child: Some(child),
+            dir: Some(dir),
+            external: false,
+        }
+    }
+
     /// `redis://127.0.0.1:PORT/` (or the value of `REDIS_URL`).
     pub fn url(&self) -> &str {
         &self.url
