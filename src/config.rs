@@ -110,6 +110,11 @@ pub struct Config {
     )]
     pub max_clients: u64,
 
+    /// Threads that write events to clients; 0 means one per CPU.
+    #[arg(long, env = "EVENTFABRIC_FANOUT_THREADS", default_value_t = 0, global = true,
+          value_parser = clap::value_parser!(u64).range(0..=64))]
+    pub fanout_threads: u64,
+
     /// Seconds a shutdown may take: streams are closed with a spread-out `retry:` hint
     /// and in-flight requests finish within this window.
     #[arg(long, env = "EVENTFABRIC_DRAIN_SECS", default_value_t = 10, global = true,
@@ -171,6 +176,16 @@ impl Config {
                     .unwrap_or_else(|_| "eventfabric".to_owned());
                 format!("{host}-{}", std::process::id())
             }
+        }
+    }
+
+    /// Fan-out threads to start: the configured number, or one per CPU.
+    pub fn fanout_threads(&self) -> usize {
+        match self.fanout_threads {
+            0 => std::thread::available_parallelism()
+                .map(usize::from)
+                .unwrap_or(1),
+            n => n as usize,
         }
     }
 

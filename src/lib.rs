@@ -67,7 +67,11 @@ impl Gateway {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
-        let hub = Hub::new(config.client_queue as usize, Arc::clone(&metrics));
+        let hub = Hub::new(
+            config.client_queue as usize,
+            config.fanout_threads(),
+            Arc::clone(&metrics),
+        );
         let broker = match config.redis_url() {
             None => Broker::Memory(Arc::new(MemoryBroker::new(
                 config.history as usize,

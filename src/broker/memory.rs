@@ -72,7 +72,7 @@ mod tests {
     use std::sync::Arc;
 
     fn broker(capacity: usize) -> MemoryBroker {
-        MemoryBroker::new(capacity, Hub::new(10, Arc::new(Metrics::new())))
+        MemoryBroker::new(capacity, Hub::new(10, 1, Arc::new(Metrics::new())))
     }
 
     fn data() -> Box<RawValue> {

@@ -153,11 +153,8 @@ impl Background {
                 // The outage outlasted the stream's retention: every client here missed
                 // events that are gone, so tell them all to reload.
                 tracing::warn!(after = %after, "events missed during the outage are no longer kept");
-                self.hub.broadcast(Arc::new(Frame {
-                    id: None,
-                    event_type: None,
-                    bytes: sse::history_truncated(after),
-                }));
+                self.hub
+                    .broadcast(Frame::control(sse::history_truncated(after)));
             }
             first_page = false;
             for frame in page.frames {

@@ -14,8 +14,8 @@ use crate::state::AppState;
 use crate::stream::{End, Session, StreamParams};
 
 /// Cancelling this token drops the HTTP connection it belongs to. The hub cancels it when
-/// a stream on that connection falls behind while hyper waits on a full socket (hyper
-/// then stops polling the body, so the stream itself could not notice).
+/// a stream on that connection falls more than its queue behind, which happens when hyper
+/// waits on a full socket and stops polling the body (so the stream could not notice).
 #[derive(Debug, Clone, Default)]
 pub struct ConnectionKill(pub CancellationToken);
 
@@ -32,20 +32,16 @@ pub async fn stream_events(
     let last_event_id = headers.get("last-event-id").map(HeaderValue::as_bytes);
     let params = StreamParams::parse(uri.query(), last_event_id);
     let kill = kill.map(|k| k.0.0.clone()).unwrap_or_default();
-    let session = Session::open(&state, params, kill);
+    let session = Session::open(&state, params, None, kill);
     let preamble = sse::retry(state.config.retry_ms);
     let body =
         futures::stream::once(async move { Ok::<_, std::convert::Infallible>(preamble) }).chain(
             futures::stream::unfold(Some((session, state)), |step| async move {
                 let (mut session, state) = step?;
-                session.slot().set_writing(false);
                 let mut batch = Vec::new();
                 match session.next_batch(&mut batch).await {
                     Ok(events) => {
                         state.metrics.events_delivered.inc_by(events);
-                        // Marked as writing until hyper asks for more: if the socket is
-                        // full it will not, and the hub's sweeper can see that.
-                        session.slot().set_writing(true);
                         Some((Ok(concat(batch)), Some((session, state))))
                     }
                     Err(End::Shutdown) => {

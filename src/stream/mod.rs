@@ -12,6 +12,7 @@ mod params;
 mod raw;
 mod session;
 
+pub use crate::hub::End;
 pub use params::StreamParams;
 pub use raw::{serve_raw, spread_retry, stream_preamble};
-pub use session::{End, Session};
+pub use session::Session;

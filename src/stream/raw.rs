@@ -6,14 +6,15 @@
 //! the socket, the session and a small batch vector: no HTTP library buffers.
 
 use std::io::{self, IoSlice};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::session::MAX_BATCH;
 use super::{End, Session, StreamParams};
+use crate::hub::MAX_BATCH;
 use crate::sse;
 use crate::state::AppState;
 
@@ -45,29 +46,22 @@ pub async fn serve_raw(mut stream: TcpStream, params: StreamParams, state: AppSt
         let _ = stream.shutdown().await;
         return;
     }
-    let kill = CancellationToken::new();
-    let mut session = Session::open(&state, params, kill.clone());
-    if stream.write_all(&state.stream_preamble).await.is_err() {
-        return;
-    }
-    let mut batch = Vec::new();
+    let socket = Arc::new(stream);
+    let mut session = Session::open(
+        &state,
+        params,
+        Some(Arc::clone(&socket)),
+        CancellationToken::new(),
+    );
+    let mut batch = vec![state.stream_preamble.clone()];
+    let mut events = 0;
     let end = loop {
-        let next = tokio::select! {
-            next = session.next_batch(&mut batch) => next,
-            () = closed_by_peer(&stream) => Err(End::ClientGone),
-        };
-        let events = match next {
-            Ok(events) => events,
-            Err(end) => break end,
-        };
-        session.slot().set_writing(true);
         let written = tokio::select! {
             biased;
-            _ = kill.cancelled() => Err(End::Slow),
             _ = state.shutdown.cancelled() => Err(End::Shutdown),
-            written = write_batch(&stream, &mut batch) => written.map_err(|_| End::ClientGone),
+            end = session.ended() => Err(end),
+            written = write_batch(&socket, &mut batch) => written.map_err(|_| End::ClientGone),
         };
-        session.slot().set_writing(false);
         if let Err(end) = written {
             break end;
         }
@@ -76,24 +70,31 @@ pub async fn serve_raw(mut stream: TcpStream, params: StreamParams, state: AppSt
         if batch.capacity() > KEEP_BATCH_CAPACITY {
             batch = Vec::new();
         }
+        let next = tokio::select! {
+            next = session.next_batch(&mut batch) => next,
+            () = closed_by_peer(&socket) => Err(End::ClientGone),
+        };
+        events = match next {
+            Ok(events) => events,
+            Err(end) => break end,
+        };
     };
-    match end {
+    let farewell = match end {
         End::Slow => {
             state.metrics.slow_disconnects.inc();
             tracing::debug!("disconnected a client that fell behind");
+            None
         }
-        End::Shutdown => {
-            let hint = sse::retry(spread_retry(state.config.retry_ms));
-            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, stream.write_all(&hint)).await;
-        }
-        End::BrokerUnavailable => {
-            let hint = sse::retry(state.config.retry_ms.min(1000));
-            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, stream.write_all(&hint)).await;
-        }
-        End::ClientGone => {}
-    }
+        End::Shutdown => Some(sse::retry(spread_retry(state.config.retry_ms))),
+        End::BrokerUnavailable => Some(sse::retry(state.config.retry_ms.min(1000))),
+        End::ClientGone => None,
+    };
     drop(session);
-    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, stream.shutdown()).await;
+    if let Some(hint) = farewell {
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, write_batch(&socket, &mut [hint])).await;
+    }
+    // The fan-out thread may hold the socket a moment longer; end the connection now.
+    let _ = socket2::SockRef::from(&*socket).shutdown(std::net::Shutdown::Both);
 }
 
 /// A reconnect delay drawn from 10–100 % of the configured one, so the clients of a
@@ -215,7 +216,7 @@ mod size_tests {
             "{}",
             std::mem::size_of_val(&serving)
         );
-        let mut session = Session::open(&state, Default::default(), Default::default());
+        let mut session = Session::open(&state, Default::default(), None, Default::default());
         let mut out = Vec::new();
         let waiting = session.next_batch(&mut out);
         assert!(

@@ -1,0 +1,98 @@
+//! A fan-out thread: owns a share of the replica's clients and writes each batch of new
+//! frames to all of them, in order, never waiting on any one of them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+
+use super::Frame;
+use super::client::{Client, End, MAX_BATCH};
+use crate::metrics::Metrics;
+
+/// What a fan-out thread is told.
+#[derive(Debug)]
+pub(super) enum Message {
+    /// Deliver this frame to every client.
+    Frame(Arc<Frame>),
+    /// Start serving this client; frames sent after this message reach it.
+    Attach(Arc<Client>),
+    /// Some client closed: drop closed clients soon, releasing their sockets.
+    Detach,
+}
+
+/// Shared between a fan-out thread and the senders.
+#[derive(Debug, Default)]
+pub(super) struct ShardSignals {
+    /// Set when a frame could not be queued because the thread is far behind.
+    pub overflowed: AtomicBool,
+}
+
+/// Runs until every sender is gone.
+pub(super) fn run(
+    inbox: Receiver<Message>,
+    signals: Arc<ShardSignals>,
+    client_queue: usize,
+    metrics: Arc<Metrics>,
+) {
+    let mut clients: Vec<Arc<Client>> = Vec::new();
+    let mut batch: Vec<Arc<Frame>> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = inbox.recv() {
+        let mut sweep = false;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Frame(frame) => {
+                    sweep |= frame.event_type.is_none() && frame.id.is_none();
+                    batch.push(frame);
+                    if batch.len() == MAX_BATCH {
+                        deliver(&clients, &mut batch, client_queue, &metrics);
+                    }
+                }
+                Message::Attach(client) => {
+                    // Frames already taken belong to the clients attached before it.
+                    deliver(&clients, &mut batch, client_queue, &metrics);
+                    clients.push(client);
+                }
+                Message::Detach => sweep = true,
+            }
+            next = inbox.try_recv().ok();
+        }
+        deliver(&clients, &mut batch, client_queue, &metrics);
+        if signals.overflowed.swap(false, Ordering::Relaxed) {
+            // Frames were lost on the way to this thread: every client here missed them,
+            // so send all of them away to resume from history.
+            tracing::warn!(
+                clients = clients.len(),
+                "fan-out fell too far behind; clients resume from history"
+            );
+            for client in &clients {
+                client.close(End::Slow);
+            }
+            sweep = true;
+        }
+        if sweep {
+            clients.retain(|client| !client.is_closed());
+        }
+    }
+}
+
+fn deliver(
+    clients: &[Arc<Client>],
+    batch: &mut Vec<Arc<Frame>>,
+    client_queue: usize,
+    metrics: &Metrics,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut delivered = 0;
+    for client in clients {
+        if !client.is_closed() {
+            delivered += client.offer(batch, client_queue);
+        }
+    }
+    if delivered > 0 {
+        metrics.events_delivered.inc_by(delivered);
+    }
+    batch.clear();
+}
