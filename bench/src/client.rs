@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,7 +21,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::http::{BodyKind, ChunkedDecoder, MAX_HEAD, parse_response_head};
 use crate::latency::Recorder;
 use crate::seqtrack::SeqTracker;
-use crate::sse::{SseEvent, SseParser};
+use crate::sse::{EventId, SseEvent, SseParser};
 use crate::stop::StopSignal;
 use crate::url::HttpUrl;
 
@@ -51,17 +51,61 @@ pub struct Target {
 impl Target {
     /// Builds the `GET` for `url`, with an optional `Last-Event-ID`.
     pub fn new(url: HttpUrl, last_event_id: Option<&str>) -> Self {
-        let mut req = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
-            url.path, url.authority
-        );
-        if let Some(id) = last_event_id {
-            req.push_str(&format!("Last-Event-ID: {id}\r\n"));
-        }
-        req.push_str("\r\n");
+        let request = request_bytes(&url, last_event_id);
+        Self { url, request }
+    }
+}
+
+/// The stream request for `url`, with an optional `Last-Event-ID`.
+fn request_bytes(url: &HttpUrl, last_event_id: Option<&str>) -> Vec<u8> {
+    let mut req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n",
+        url.path, url.authority
+    );
+    if let Some(id) = last_event_id {
+        req.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.into_bytes()
+}
+
+/// Reconnect mode (`--reconnect`) settings and counters, shared by all clients.
+#[derive(Debug)]
+pub struct Reconnect {
+    /// Every stream URL, in `--url` order; a client moves to the next one when its stream ends.
+    pub targets: Vec<Arc<Target>>,
+    /// The id the first requests carried (`--last-event-id`), as the parsers' starting point.
+    pub initial_id: EventId,
+    /// Highest sequence number the publish endpoint has acknowledged so far.
+    pub published_hi: Arc<AtomicU64>,
+    /// Earliest stream end of the run, unix µs (`u64::MAX` = none yet).
+    pub first_end_us: AtomicU64,
+    /// Successful reconnections (a new `200` head after a stream ended).
+    pub reconnects: AtomicU64,
+    /// Reconnect attempts that failed (refused, timed out, non-200).
+    pub failures: AtomicU64,
+    /// Streams that ended with an id the generator cannot store (sent no `Last-Event-ID`).
+    pub unsupported_ids: AtomicU64,
+    /// Stream end to new response head, µs, one sample per reconnection.
+    pub times: Mutex<Histogram<u64>>,
+}
+
+impl Reconnect {
+    /// Reconnect state over `targets`.
+    pub fn new(
+        targets: Vec<Arc<Target>>,
+        initial_id: EventId,
+        published_hi: Arc<AtomicU64>,
+    ) -> Self {
         Self {
-            url,
-            request: req.into_bytes(),
+            targets,
+            initial_id,
+            published_hi,
+            first_end_us: AtomicU64::new(u64::MAX),
+            reconnects: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            unsupported_ids: AtomicU64::new(0),
+            times: Mutex::new(crate::latency::new_histogram()),
         }
     }
 }
@@ -86,6 +130,8 @@ pub struct Shared {
     pub closed: AtomicUsize,
     /// The first connect error seen, and how many errors there were of each kind (capped).
     pub errors: Mutex<Vec<(String, usize)>>,
+    /// Set in `--reconnect` mode.
+    pub reconnect: Option<Reconnect>,
 }
 
 impl Shared {
@@ -101,6 +147,7 @@ impl Shared {
             complete: AtomicUsize::new(0),
             closed: AtomicUsize::new(0),
             errors: Mutex::default(),
+            reconnect: None,
         }
     }
 
@@ -132,6 +179,13 @@ pub struct ClientResult {
     pub other: u64,
     /// Unix µs of the last new in-range delivery.
     pub last_recv_us: u64,
+    /// Reconnections of this client.
+    pub reconnects: u32,
+    /// After the latest reconnection: the sequence number it must hold a complete prefix
+    /// up to (everything acknowledged before its new response head) and has not yet.
+    pub catchup_target: Option<u64>,
+    /// Unix µs when the client last became caught up after a reconnection (0 = never).
+    pub caught_up_us: u64,
 }
 
 impl ClientResult {
@@ -156,6 +210,23 @@ impl ClientResult {
         if self.in_range == shared.events {
             shared.complete.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(target) = self.catchup_target
+            && self.seq.has_prefix(target)
+        {
+            self.catchup_target = None;
+            self.caught_up_us = now;
+        }
+    }
+
+    /// Notes a new stream after a reconnection whose head arrived at `now` (unix µs).
+    fn on_reconnected(&mut self, now: u64, published_hi: u64) {
+        self.reconnects += 1;
+        if self.seq.has_prefix(published_hi) {
+            self.catchup_target = None;
+            self.caught_up_us = now;
+        } else {
+            self.catchup_target = Some(published_hi);
+        }
     }
 }
 
@@ -173,7 +244,7 @@ enum Framing {
 }
 
 impl Body {
-    fn new(kind: BodyKind) -> Self {
+    fn new(kind: BodyKind, last_id: EventId) -> Self {
         let framing = match kind {
             BodyKind::Chunked => Framing::Chunked(ChunkedDecoder::default()),
             BodyKind::Length(n) => Framing::Length(n),
@@ -181,7 +252,7 @@ impl Body {
         };
         Self {
             framing,
-            sse: SseParser::default(),
+            sse: SseParser::with_last_id(last_id),
         }
     }
 
@@ -207,19 +278,21 @@ impl Body {
     }
 }
 
-/// Runs one client until `stop` is signalled (or its stream ends) and returns what it saw.
+/// Runs one client until `stop` is signalled (or, without `--reconnect`, its stream ends)
+/// and returns what it saw. `index` seeds the reconnect jitter.
 pub async fn run(
     target: Arc<Target>,
     source: Option<IpAddr>,
     shared: Arc<Shared>,
     stop: Arc<StopSignal>,
+    index: usize,
 ) -> ClientResult {
     let mut result = ClientResult::default();
     let opened = tokio::select! {
-        r = tokio::time::timeout(shared.connect_timeout, open(&target, source)) => r,
+        r = tokio::time::timeout(shared.connect_timeout, open(&target.url, &target.request, source)) => r,
         _ = stop.stopped() => return result,
     };
-    let (mut stream, head_kind, leftover) = match opened {
+    let (mut stream, mut head_kind, mut leftover) = match opened {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             shared.failed.fetch_add(1, Ordering::Relaxed);
@@ -234,32 +307,134 @@ pub async fn run(
     };
     result.connected = true;
     shared.connected.fetch_add(1, Ordering::Relaxed);
+    let mut last_id = shared
+        .reconnect
+        .as_ref()
+        .map_or(EventId::Empty, |r| r.initial_id);
+    // Position of the current URL in the reconnect list.
+    let mut current = shared.reconnect.as_ref().map_or(0, |r| {
+        r.targets
+            .iter()
+            .position(|t| Arc::ptr_eq(t, &target))
+            .unwrap_or(0)
+    });
+    drop(target);
+    let mut rng = Jitter::new(index);
 
-    let mut body = Body::new(head_kind);
-    let mut open_body = true;
-    let mut process = |bytes: &[u8], result: &mut ClientResult| -> bool {
-        let now = now_us();
-        shared
-            .latency
-            .with_local(|hist| body.feed(bytes, &mut |ev| result.on_event(ev, now, hist, &shared)))
-    };
-    if !leftover.is_empty() {
-        open_body = process(&leftover, &mut result);
-    }
-    drop(leftover);
-
-    while open_body {
-        match read_with(&mut stream, &stop, |b| process(b, &mut result)).await {
-            Read::Stopped => return result,
-            Read::Data(still_open) => open_body = still_open,
-            Read::Closed => open_body = false,
+    loop {
+        let mut body = Body::new(head_kind, last_id);
+        let mut open_body = true;
+        let mut process = |bytes: &[u8], result: &mut ClientResult| -> bool {
+            let now = now_us();
+            shared.latency.with_local(|hist| {
+                body.feed(bytes, &mut |ev| result.on_event(ev, now, hist, &shared))
+            })
+        };
+        if !leftover.is_empty() {
+            open_body = process(&leftover, &mut result);
         }
+        drop(leftover);
+
+        while open_body {
+            match read_with(&mut stream, &stop, |b| process(b, &mut result)).await {
+                Read::Stopped => return result,
+                Read::Data(still_open) => open_body = still_open,
+                Read::Closed => open_body = false,
+            }
+        }
+        drop(stream);
+        last_id = body.sse.last_id();
+        result.closed_early = true;
+        let Some(rc) = shared.reconnect.as_ref() else {
+            if result.in_range < shared.events || shared.events == 0 {
+                shared.closed.fetch_add(1, Ordering::Relaxed);
+            }
+            return result;
+        };
+
+        // Reconnect: the next URL first, then round-robin, with jittered backoff.
+        let ended = now_us();
+        rc.first_end_us.fetch_min(ended, Ordering::Relaxed);
+        if last_id == EventId::Unsupported {
+            rc.unsupported_ids.fetch_add(1, Ordering::Relaxed);
+        }
+        let header = last_id.header_value();
+        let mut attempt: u32 = 0;
+        (stream, head_kind, leftover) = loop {
+            current = (current + 1) % rc.targets.len();
+            let url = &rc.targets[current].url;
+            let request = request_bytes(url, header.as_deref());
+            let opened = tokio::select! {
+                r = tokio::time::timeout(shared.connect_timeout, open(url, &request, source)) => r,
+                _ = stop.stopped() => return result,
+            };
+            match opened {
+                Ok(Ok(v)) => break v,
+                Ok(Err(e)) => shared.note_error(format!("reconnect: {e:#}")),
+                Err(_) => shared.note_error("reconnect: connect timeout".into()),
+            }
+            rc.failures.fetch_add(1, Ordering::Relaxed);
+            let delay = rng.backoff(attempt);
+            attempt += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.stopped() => return result,
+            }
+        };
+        let head_at = now_us();
+        rc.reconnects.fetch_add(1, Ordering::Relaxed);
+        rc.times
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .saturating_record(head_at.saturating_sub(ended).max(1));
+        result.on_reconnected(head_at, rc.published_hi.load(Ordering::Acquire));
     }
-    result.closed_early = true;
-    if result.in_range < shared.events || shared.events == 0 {
-        shared.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` so that binding to a source address leaves the port choice
+/// to `connect`, which picks it per destination. Without it `bind(ip, 0)` needs a port that is
+/// free on that address for every destination, including ports held in `TIME_WAIT` by an
+/// earlier run, and fails with "Address already in use" long before the ephemeral range is
+/// used up. Best effort: on failure the plain bind is still tried.
+fn bind_address_no_port(socket: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a correctly sized `c_int` option value.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
-    result
+}
+
+/// A tiny xorshift generator for reconnect jitter (no shared state, no dependency).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new(index: usize) -> Self {
+        Self((index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_us() | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// Delay before retry `attempt` (0-based): 50 ms doubling to at most 1 s, each drawn
+    /// from 50–100 % of that.
+    fn backoff(&mut self, attempt: u32) -> Duration {
+        let cap_ms = (50u64 << attempt.min(5)).min(1000);
+        let ms = cap_ms / 2 + self.next() % (cap_ms / 2 + 1);
+        Duration::from_millis(ms)
+    }
 }
 
 /// Outcome of one [`read_with`].
@@ -303,10 +478,11 @@ async fn read_with(
 /// Connects, sends the request and reads the response head. Returns the stream, the body
 /// framing and any body bytes that arrived with the head.
 async fn open(
-    target: &Target,
+    url: &HttpUrl,
+    request: &[u8],
     source: Option<IpAddr>,
 ) -> anyhow::Result<(TcpStream, BodyKind, Vec<u8>)> {
-    let addr = target.url.addr;
+    let addr = url.addr;
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -314,16 +490,14 @@ async fn open(
     }
     .context("socket")?;
     if let Some(ip) = source {
+        bind_address_no_port(&socket);
         socket
             .bind((ip, 0).into())
             .with_context(|| format!("bind {ip}"))?;
     }
     let mut stream = socket.connect(addr).await.context("connect")?;
     stream.set_nodelay(true).context("nodelay")?;
-    stream
-        .write_all(&target.request)
-        .await
-        .context("write request")?;
+    stream.write_all(request).await.context("write request")?;
     let mut buf = Vec::with_capacity(1024);
     loop {
         if stream.read_buf(&mut buf).await.context("read head")? == 0 {
@@ -339,5 +513,35 @@ async fn open(
         if buf.len() > MAX_HEAD {
             bail!("response head too large");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let mut j = Jitter::new(3);
+        for attempt in 0..20 {
+            let d = j.backoff(attempt).as_millis() as u64;
+            let cap = (50u64 << attempt.min(5)).min(1000);
+            assert!((cap / 2..=cap).contains(&d), "attempt {attempt}: {d} ms");
+        }
+    }
+
+    #[test]
+    fn catch_up_needs_the_whole_prefix() {
+        let mut r = ClientResult::default();
+        for s in [1, 2, 3] {
+            r.seq.record(s);
+        }
+        r.on_reconnected(100, 3);
+        assert_eq!(
+            (r.reconnects, r.catchup_target, r.caught_up_us),
+            (1, None, 100)
+        );
+        r.on_reconnected(200, 6);
+        assert_eq!(r.catchup_target, Some(6));
     }
 }

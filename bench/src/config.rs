@@ -36,6 +36,17 @@ pub struct Args {
     /// Send `Last-Event-ID: <id>` on every stream request.
     #[arg(long)]
     pub last_event_id: Option<String>,
+    /// When a client's stream ends, reconnect to the next --url (round-robin, jittered
+    /// backoff on failure) sending the last `id:` seen as `Last-Event-ID`.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// Open every initial connection to the first --url (the others are reconnect targets).
+    #[arg(long)]
+    pub initial_url_only: bool,
+    /// Also sample the servers' RSS every this many seconds from the idle sample to the end
+    /// (0 = off); the series and its slope go into the report.
+    #[arg(long, default_value_t = 0.0)]
+    pub rss_sample_secs: f64,
     /// Events to publish (0 = none).
     #[arg(long, default_value_t = 0)]
     pub events: u64,
@@ -126,6 +137,7 @@ impl Config {
             ("--warmup-secs", args.warmup_secs),
             ("--drain-secs", args.drain_secs),
             ("--idle-secs", args.idle_secs),
+            ("--rss-sample-secs", args.rss_sample_secs),
         ] {
             if !(v >= 0.0 && v.is_finite()) {
                 bail!("{name} must be >= 0");
@@ -133,6 +145,9 @@ impl Config {
         }
         if args.threads == 0 {
             bail!("--threads must be >= 1");
+        }
+        if args.rss_sample_secs > 0.0 && args.server_pids.is_empty() {
+            bail!("--rss-sample-secs needs --server-pid");
         }
         let urls = args
             .urls
@@ -217,5 +232,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.urls.len(), 3);
         assert_eq!(c.args.source_ips.len(), 2);
+    }
+
+    #[test]
+    fn reconnect_flags() {
+        let c = cfg(&[
+            "--reconnect",
+            "--initial-url-only",
+            "--url",
+            "http://127.0.0.1:2/",
+        ])
+        .unwrap();
+        assert!(c.args.reconnect && c.args.initial_url_only);
+        assert!(cfg(&["--rss-sample-secs", "1"]).is_err());
+        assert!(cfg(&["--rss-sample-secs", "1", "--server-pid", "1"]).is_ok());
     }
 }

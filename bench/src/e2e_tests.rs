@@ -211,3 +211,147 @@ async fn refused_connections_are_counted_as_failed() {
     assert_eq!((r.connected, r.failed), (0, 5), "{r:?}");
     assert!(r.first_error.contains("connect"), "{r:?}");
 }
+
+/// A fake cluster for `--reconnect`: every listener shares one history, answers
+/// `Last-Event-ID: <n>-0` with a replay after `n`, and ends each stream after `cut_after`
+/// frames so clients keep reconnecting.
+async fn resuming_server(listeners: usize, cut_after: usize) -> Vec<SocketAddr> {
+    type History = Arc<std::sync::Mutex<Vec<Arc<Vec<u8>>>>>;
+    let history: History = Arc::default();
+    let (tx, _) = broadcast::channel::<(u64, Arc<Vec<u8>>)>(4096);
+    let mut addrs = Vec::new();
+    for _ in 0..listeners {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(listener.local_addr().unwrap());
+        let (history, tx) = (history.clone(), tx.clone());
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (history, tx) = (history.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let mut s = s;
+                    let mut buf = Vec::new();
+                    let Some((head, body)) = read_request(&mut s, &mut buf).await else {
+                        return;
+                    };
+                    if !head.starts_with("GET") {
+                        let mut next = Some((head, body));
+                        while let Some((_, body)) = next {
+                            {
+                                let mut h = history.lock().unwrap();
+                                h.push(Arc::new(body));
+                                let _ = tx.send((h.len() as u64, h[h.len() - 1].clone()));
+                            }
+                            let resp = b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\n{}";
+                            if s.write_all(resp).await.is_err() {
+                                return;
+                            }
+                            next = read_request(&mut s, &mut buf).await;
+                        }
+                        return;
+                    }
+                    let after: u64 = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Last-Event-ID: "))
+                        .and_then(|v| v.strip_suffix("-0"))
+                        .map_or(0, |v| v.parse().unwrap());
+                    let mut rx = tx.subscribe();
+                    let backlog: Vec<(u64, Arc<Vec<u8>>)> = {
+                        let h = history.lock().unwrap();
+                        (after as usize..h.len())
+                            .map(|i| (i as u64 + 1, h[i].clone()))
+                            .collect()
+                    };
+                    let mut sent = after;
+                    let frame = |n: u64, body: &[u8]| {
+                        let mut f = format!("id: {n}-0\ndata: ").into_bytes();
+                        f.extend_from_slice(body);
+                        f.extend_from_slice(b"\n\n");
+                        f
+                    };
+                    let head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\nretry: 10\n\n";
+                    if s.write_all(head).await.is_err() {
+                        return;
+                    }
+                    let mut frames = 0;
+                    for (n, body) in backlog {
+                        if frames == cut_after || s.write_all(&frame(n, &body)).await.is_err() {
+                            return;
+                        }
+                        sent = n;
+                        frames += 1;
+                    }
+                    while let Ok((n, body)) = rx.recv().await {
+                        if n <= sent {
+                            continue;
+                        }
+                        // End the stream mid-frame: the partial event must not count.
+                        let f = frame(n, &body);
+                        if frames == cut_after {
+                            let _ = s.write_all(&f[..f.len() / 2]).await;
+                            return;
+                        }
+                        if s.write_all(&f).await.is_err() {
+                            return;
+                        }
+                        sent = n;
+                        frames += 1;
+                    }
+                });
+            }
+        });
+    }
+    addrs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_clients_resume_without_loss_or_duplicates() {
+    let addrs = resuming_server(2, 23).await;
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let urls = format!(
+        "http://{}/s,http://{dead}/s,http://{}/s",
+        addrs[0], addrs[1]
+    );
+    let publish = format!("http://{}/pub", addrs[0]);
+    let argv = [
+        "loadgen",
+        "--url",
+        &urls,
+        "--reconnect",
+        "--initial-url-only",
+        "--publish-url",
+        &publish,
+        "--clients",
+        "10",
+        "--events",
+        "150",
+        "--rate",
+        "300",
+        "--warmup-secs",
+        "0.2",
+        "--drain-secs",
+        "10",
+    ];
+    let cfg = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), run::run(cfg))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.connected, r.failed), (10, 0), "{r:?}");
+    assert_eq!(
+        (r.expected, r.delivered, r.lost, r.dup, r.ooo),
+        (1500, 1500, 0, 0, 0),
+        "{r:?}"
+    );
+    // 150 events in streams of 23 frames: at least 6 reconnects per client.
+    assert!(r.reconnects >= 60, "{r:?}");
+    assert_eq!(r.reconnected_clients, 10, "{r:?}");
+    // Every other reconnect first tries the dead URL.
+    assert!(r.reconnect_failures >= 20, "{r:?}");
+    assert_eq!((r.not_caught_up, r.unsupported_ids), (0, 0), "{r:?}");
+    assert!(r.caught_up_ms.is_some_and(|ms| ms > 0.0), "{r:?}");
+    assert!(r.reconnect_max_ms >= r.reconnect_p50_ms, "{r:?}");
+}

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -67,6 +67,8 @@ pub struct Plan {
     pub payload_bytes: usize,
     /// Most events sent in one batch.
     pub max_batch: usize,
+    /// Set to the highest sequence number sent and acknowledged so far (batch by batch).
+    pub progress: Arc<AtomicU64>,
 }
 
 /// What the publisher did.
@@ -245,6 +247,7 @@ async fn publish_all(plan: &Plan, sink: &mut Sink, stop: &AtomicBool) -> Outcome
         let n = end - next;
         out.published += ok;
         out.errors += n - ok;
+        plan.progress.store(end, Ordering::Release);
         if out.first_error.is_none() && ok < n {
             out.first_error = sink.last_error();
         }

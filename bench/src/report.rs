@@ -64,10 +64,57 @@ pub struct Report {
     pub server_cpu_per_delivery_us: f64,
     /// This generator's CPU seconds over the same window.
     pub loadgen_cpu_s: f64,
+    /// `--reconnect`: successful reconnections (new `200` head after a stream ended).
+    pub reconnects: u64,
+    /// `--reconnect`: failed reconnect attempts (refused, timed out, non-200).
+    pub reconnect_failures: u64,
+    /// `--reconnect`: stream ends whose last id could not be stored (no `Last-Event-ID` sent).
+    pub unsupported_ids: u64,
+    /// `--reconnect`: stream end to the new stream's response head, milliseconds.
+    pub reconnect_p50_ms: f64,
+    /// 90th percentile.
+    pub reconnect_p90_ms: f64,
+    /// 99th percentile.
+    pub reconnect_p99_ms: f64,
+    /// Maximum.
+    pub reconnect_max_ms: f64,
+    /// `--reconnect`: clients that reconnected at least once.
+    pub reconnected_clients: u64,
+    /// `--reconnect`: reconnected clients that never held every event acknowledged before
+    /// their (latest) new response head.
+    pub not_caught_up: u64,
+    /// `--reconnect`: first stream end of the run to the moment the last reconnected client
+    /// was caught up, milliseconds; `null` if none reconnected or any did not catch up.
+    pub caught_up_ms: Option<f64>,
+    /// `--rss-sample-secs`: summed server RSS, KiB, from the idle sample (every
+    /// `rss_sample_secs`) to the end sample (last element).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rss_series_kb: Vec<u64>,
+    /// `--rss-sample-secs`: the sampling interval.
+    pub rss_sample_secs: f64,
+    /// `--rss-sample-secs`: least-squares slope of the RSS series, KiB per minute.
+    pub rss_slope_kb_per_min: f64,
     /// The overall deadline cut the run short.
     pub timed_out: bool,
     /// Most frequent connect error, if any.
     pub first_error: String,
+}
+
+/// Least-squares slope of `ys` against their index (units per sample); 0 for < 2 points.
+pub fn slope(ys: &[u64]) -> f64 {
+    let n = ys.len() as f64;
+    if ys.len() < 2 {
+        return 0.0;
+    }
+    let mean_x = (n - 1.0) / 2.0;
+    let mean_y = ys.iter().map(|&y| y as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (i, &y) in ys.iter().enumerate() {
+        let dx = i as f64 - mean_x;
+        num += dx * (y as f64 - mean_y);
+        den += dx * dx;
+    }
+    num / den
 }
 
 /// Rounds to three decimals for readable JSON.
@@ -92,6 +139,15 @@ impl Report {
         self.p99_ms = ms(h.value_at_quantile(0.99));
         self.p999_ms = ms(h.value_at_quantile(0.999));
         self.max_ms = ms(h.max());
+    }
+
+    /// Stores an RSS series sampled every `every` seconds and its least-squares slope.
+    /// The last element is the end sample, which may come sooner than `every` after the one
+    /// before it; the slope treats it as one more interval (a small error for long runs).
+    pub fn set_rss_series(&mut self, series: Vec<u64>, every: f64) {
+        self.rss_sample_secs = every;
+        self.rss_slope_kb_per_min = round3(slope(&series) * 60.0 / every);
+        self.rss_series_kb = series;
     }
 
     /// The human summary (for stderr).
@@ -141,6 +197,32 @@ impl Report {
                 self.server_cpu_per_delivery_us
             ));
         }
+        if self.reconnects > 0 || self.reconnect_failures > 0 || self.reconnected_clients > 0 {
+            let caught = self
+                .caught_up_ms
+                .map_or("never".to_string(), |ms| format!("{ms} ms"));
+            line(format!(
+                "reconnect   {} reconnects ({} clients), {} failed attempts; head after ms p50 {} | p90 {} | p99 {} | max {}; all caught up after {} ({} not caught up)",
+                self.reconnects,
+                self.reconnected_clients,
+                self.reconnect_failures,
+                self.reconnect_p50_ms,
+                self.reconnect_p90_ms,
+                self.reconnect_p99_ms,
+                self.reconnect_max_ms,
+                caught,
+                self.not_caught_up
+            ));
+        }
+        if !self.rss_series_kb.is_empty() {
+            line(format!(
+                "rss series  {} samples every {} s, slope {:.1} KiB/min: {:?}",
+                self.rss_series_kb.len(),
+                self.rss_sample_secs,
+                self.rss_slope_kb_per_min,
+                self.rss_series_kb
+            ));
+        }
         line(format!("loadgen     CPU {:.2} s", self.loadgen_cpu_s));
         if self.timed_out {
             line("TIMED OUT: the overall deadline cut the run short".into());
@@ -151,5 +233,24 @@ impl Report {
     /// The single JSON line (for stdout).
     pub fn json(&self) -> String {
         serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slope_of_a_line_and_of_noise() {
+        assert_eq!(slope(&[]), 0.0);
+        assert_eq!(slope(&[5]), 0.0);
+        assert!((slope(&[10, 12, 14, 16]) - 2.0).abs() < 1e-9);
+        assert!(slope(&[10, 11, 10, 11, 10, 11]).abs() < 0.2);
+        let mut r = Report::default();
+        r.set_rss_series(vec![1000, 1010, 1020], 30.0);
+        assert!((r.rss_slope_kb_per_min - 20.0).abs() < 1e-9);
+        assert!(r.json().contains("\"rss_series_kb\":[1000,1010,1020]"));
+        assert!(!Report::default().json().contains("rss_series_kb"));
+        assert!(Report::default().json().contains("\"caught_up_ms\":null"));
     }
 }

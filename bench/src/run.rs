@@ -9,17 +9,18 @@
 //! 5. take the end sample, stop all clients and merge their results.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until};
 
-use crate::client::{self, ClientResult, Shared, Target};
+use crate::client::{self, ClientResult, Reconnect, Shared, Target};
 use crate::config::Config;
 use crate::procstat::{self, ProcSample};
 use crate::publisher::{Outcome, Plan, Publisher};
 use crate::report::{Report, round3};
+use crate::sse::EventId;
 use crate::stop::StopSignal;
 
 /// How often the orchestrator polls the shared counters.
@@ -35,6 +36,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
 
     let before = procstat::sample_all(&args.server_pids)?;
+    let progress = Arc::new(AtomicU64::new(0));
     let publisher = if args.events > 0 {
         Some(
             Publisher::start(Plan {
@@ -44,6 +46,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 rate: args.rate,
                 payload_bytes: args.payload_bytes,
                 max_batch: args.publish_batch,
+                progress: progress.clone(),
             })
             .await?,
         )
@@ -52,13 +55,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
 
     // Phase 2: connect.
-    let shared = Arc::new(Shared::new(args.events, cfg.connect_timeout()));
     let mut stops: Vec<Arc<StopSignal>> = Vec::with_capacity(args.clients);
     let targets: Vec<Arc<Target>> = cfg
         .urls
         .iter()
         .map(|u| Arc::new(Target::new(u.clone(), args.last_event_id.as_deref())))
         .collect();
+    let mut shared = Shared::new(args.events, cfg.connect_timeout());
+    if args.reconnect {
+        let initial = args
+            .last_event_id
+            .as_deref()
+            .map_or(EventId::Empty, EventId::parse);
+        shared.reconnect = Some(Reconnect::new(targets.clone(), initial, progress.clone()));
+    }
+    let shared = Arc::new(shared);
     let connect_start = Instant::now();
     let mut handles: Vec<JoinHandle<ClientResult>> = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
@@ -69,7 +80,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         if due > Instant::now() {
             sleep_until(due).await;
         }
-        let target = targets[i % targets.len()].clone();
+        let target = if args.initial_url_only {
+            targets[0].clone()
+        } else {
+            targets[i % targets.len()].clone()
+        };
         let source =
             (!args.source_ips.is_empty()).then(|| args.source_ips[i % args.source_ips.len()]);
         let stop = Arc::new(StopSignal::default());
@@ -79,6 +94,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             source,
             shared.clone(),
             stop,
+            i,
         )));
     }
     let settled =
@@ -102,6 +118,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     sleep_until(deadline.min(Instant::now() + Duration::from_secs_f64(hold))).await;
     let idle = later_sample(&args.server_pids);
     let self_idle = procstat::sample("self").ok();
+    let sampler = (args.rss_sample_secs > 0.0).then(|| {
+        let pids = args.server_pids.clone();
+        let every = Duration::from_secs_f64(args.rss_sample_secs);
+        let stop = Arc::new(StopSignal::default());
+        let task = tokio::spawn(sample_rss(
+            pids,
+            every,
+            idle.map(|s| s.rss_kb),
+            stop.clone(),
+        ));
+        (stop, task)
+    });
     // Clients still up at publish start are the ones expected to receive everything.
     let expecting = report.connected - shared.closed.load(Ordering::Relaxed);
 
@@ -126,6 +154,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
 
     // Phase 5: end sample, stop, collect.
     let end = later_sample(&args.server_pids);
+    if let Some((stop, task)) = sampler {
+        stop.stop();
+        if let Ok(mut series) = task.await {
+            series.extend(end.map(|s| s.rss_kb));
+            report.set_rss_series(series, args.rss_sample_secs);
+        }
+    }
     let self_end = procstat::sample("self").ok();
     report.timed_out = Instant::now() >= deadline || outcome.stopped;
     for s in &stops {
@@ -148,6 +183,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     }
 
     fill(&mut report, &cfg, &shared, &results, &outcome);
+    if let Some(rc) = &shared.reconnect {
+        fill_reconnect(&mut report, rc, &results);
+    }
     report.set_latency(&shared.latency.merged());
     fill_proc(&mut report, before, idle, end);
     if let (Some(a), Some(b)) = (self_idle, self_end) {
@@ -200,6 +238,59 @@ fn fill(report: &mut Report, cfg: &Config, shared: &Shared, results: &[ClientRes
             report.first_error.push_str("; ");
         }
         report.first_error.push_str(&format!("publish: {e}"));
+    }
+}
+
+/// Samples the servers' RSS every `every` until stopped; starts with the idle sample.
+async fn sample_rss(
+    pids: Vec<u32>,
+    every: Duration,
+    first: Option<u64>,
+    stop: Arc<StopSignal>,
+) -> Vec<u64> {
+    let mut series: Vec<u64> = first.into_iter().collect();
+    let start = Instant::now();
+    for k in 1u32.. {
+        tokio::select! {
+            _ = sleep_until(start + every * k) => {}
+            _ = stop.stopped() => break,
+        }
+        match procstat::sample_all(&pids) {
+            Ok(Some(s)) => series.push(s.rss_kb),
+            _ => break,
+        }
+    }
+    series
+}
+
+/// Reconnect counters, reconnect times and the caught-up time.
+fn fill_reconnect(report: &mut Report, rc: &Reconnect, results: &[ClientResult]) {
+    report.reconnects = rc.reconnects.load(Ordering::Relaxed);
+    report.reconnect_failures = rc.failures.load(Ordering::Relaxed);
+    report.unsupported_ids = rc.unsupported_ids.load(Ordering::Relaxed);
+    {
+        let h = rc.times.lock().unwrap_or_else(|e| e.into_inner());
+        if !h.is_empty() {
+            let ms = |us: u64| round3(us as f64 / 1000.0);
+            report.reconnect_p50_ms = ms(h.value_at_quantile(0.50));
+            report.reconnect_p90_ms = ms(h.value_at_quantile(0.90));
+            report.reconnect_p99_ms = ms(h.value_at_quantile(0.99));
+            report.reconnect_max_ms = ms(h.max());
+        }
+    }
+    let mut last_caught_up = 0;
+    for r in results.iter().filter(|r| r.reconnects > 0) {
+        report.reconnected_clients += 1;
+        if r.catchup_target.is_some() || r.caught_up_us == 0 {
+            report.not_caught_up += 1;
+        }
+        last_caught_up = last_caught_up.max(r.caught_up_us);
+    }
+    let first_end = rc.first_end_us.load(Ordering::Relaxed);
+    if report.reconnected_clients > 0 && report.not_caught_up == 0 && first_end != u64::MAX {
+        report.caught_up_ms = Some(round3(
+            last_caught_up.saturating_sub(first_end) as f64 / 1000.0,
+        ));
     }
 }
 

@@ -33,6 +33,11 @@ impl SeqTracker {
         true
     }
 
+    /// True if every sequence number `1..=n` has been seen (always true for `n == 0`).
+    pub fn has_prefix(&self, n: u64) -> bool {
+        n == 0 || self.ranges.first().is_some_and(|&(a, b)| a <= 1 && b >= n)
+    }
+
     /// Number of distinct sequence numbers seen within `lo..=hi` (the client keeps a running
     /// count instead; this is the reference the tests check against).
     #[cfg(test)]
@@ -98,6 +103,22 @@ mod tests {
         assert_eq!((t.received, t.dup, t.ooo), (1000, 0, 0));
         assert_eq!(t.distinct_in(1, 1000), 1000);
         assert_eq!(t.distinct_in(1, 2000), 1000);
+    }
+
+    #[test]
+    fn prefix_check() {
+        let mut t = SeqTracker::default();
+        assert!(t.has_prefix(0));
+        assert!(!t.has_prefix(1));
+        for s in [2, 3, 5] {
+            t.record(s);
+        }
+        assert!(!t.has_prefix(2));
+        t.record(1);
+        assert!(t.has_prefix(3));
+        assert!(!t.has_prefix(4));
+        t.record(4);
+        assert!(t.has_prefix(5));
     }
 
     #[test]
