@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 #![allow(missing_docs)]
 
+mod deploy;
 mod fabric;
 mod harness;
+mod proxy;
 mod single_replica;

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod gateway;
+pub mod nginx;
 pub mod redis;
+pub mod replica;
 pub mod sse;
 
 use std::future::Future;
