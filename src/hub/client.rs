@@ -246,7 +246,16 @@ impl Client {
             *slice = IoSlice::new(&frame.bytes);
             total += frame.bytes.len();
         }
-        let written = match socket.try_write_vectored(&slices[..count]) {
+        // Straight to the descriptor, not through tokio's readiness bookkeeping: one less
+        // shared cache line per client per event on the hot path. A stale "writable" flag
+        // left behind only costs the client's task one extra `WouldBlock` later.
+        let socket = socket2::SockRef::from(socket);
+        let sent = if count == 1 {
+            socket.send(&slices[0])
+        } else {
+            socket.send_vectored(&slices[..count])
+        };
+        let written = match sent {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(_) => {
