@@ -122,7 +122,7 @@ impl Publisher {
     }
 
     /// Publishes like [`Publisher::publish`]; a retry with the same `key` within ten
-    /// minutes returns the first call's id and stores nothing (Redis broker).
+    /// minutes returns the first call's id and stores nothing.
     pub async fn publish_once<T: Serialize + ?Sized>(
         &self,
         event_type: &str,

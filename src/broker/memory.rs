@@ -1,5 +1,6 @@
 //! In-process broker: a bounded history ring in this process, for the single-replica mode.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use serde_json::value::RawValue;
@@ -19,10 +20,35 @@ pub struct MemoryBroker {
     epoch: EventId,
 }
 
+/// How long an idempotency key is remembered, as in the Redis function library.
+const IDEMPOTENCY_TTL_MS: u64 = 600_000;
+
+/// Most idempotency keys remembered at once; the oldest are forgotten first, so a producer
+/// sending a fresh key with every event cannot grow memory without bound.
+const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
+
 #[derive(Debug)]
 struct State {
     ids: IdGenerator,
     history: HistoryRing,
+    /// Idempotency key → the id its first publish got.
+    keys: HashMap<Box<str>, EventId>,
+    /// Keys in the order they were first used, for expiry.
+    key_order: VecDeque<(EventId, Box<str>)>,
+}
+
+impl State {
+    /// Forgets keys older than the window, and the oldest beyond the cap.
+    fn expire_keys(&mut self, now_ms: u64) {
+        while let Some((id, key)) = self.key_order.front() {
+            let expired = id.ms + IDEMPOTENCY_TTL_MS <= now_ms;
+            if !expired && self.key_order.len() <= MAX_IDEMPOTENCY_KEYS {
+                break;
+            }
+            self.keys.remove(key);
+            self.key_order.pop_front();
+        }
+    }
 }
 
 impl MemoryBroker {
@@ -34,6 +60,8 @@ impl MemoryBroker {
             state: Mutex::new(State {
                 ids,
                 history: HistoryRing::new(capacity),
+                keys: HashMap::new(),
+                key_order: VecDeque::new(),
             }),
             hub,
             epoch,
@@ -41,10 +69,24 @@ impl MemoryBroker {
     }
 
     /// Stores and broadcasts one event. Holding the lock while broadcasting keeps the
-    /// ring's order equal to id order, which resume relies on.
-    pub fn publish(&self, event_type: &str, data: &RawValue) -> EventId {
+    /// ring's order equal to id order, which resume relies on. A retry with the same
+    /// `idempotency_key` within ten minutes gets the first id back and stores nothing.
+    pub fn publish(
+        &self,
+        event_type: &str,
+        data: &RawValue,
+        idempotency_key: Option<&str>,
+    ) -> EventId {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let id = state.ids.next_id();
+        if let Some(key) = idempotency_key {
+            state.expire_keys(id.ms);
+            if let Some(first) = state.keys.get(key) {
+                return *first;
+            }
+            state.keys.insert(key.into(), id);
+            state.key_order.push_back((id, key.into()));
+        }
         let json = event::envelope_json(event_type, data, Some(id), id.ms);
         let frame = Frame::event(Some(id), event_type, sse::message(Some(id), &json));
         state.history.push(&frame);
@@ -82,7 +124,9 @@ mod tests {
     #[test]
     fn replay_returns_exactly_the_events_after_the_id_in_order() {
         let broker = broker(100);
-        let ids: Vec<_> = (0..10).map(|_| broker.publish("t", &data())).collect();
+        let ids: Vec<_> = (0..10)
+            .map(|_| broker.publish("t", &data(), None))
+            .collect();
         let replay = broker.replay(ids[3], 100);
         let got: Vec<_> = replay.frames.iter().map(|f| f.id.unwrap()).collect();
         assert_eq!(got, ids[4..]);
@@ -92,7 +136,9 @@ mod tests {
     #[test]
     fn replay_pages_with_more() {
         let broker = broker(100);
-        let ids: Vec<_> = (0..10).map(|_| broker.publish("t", &data())).collect();
+        let ids: Vec<_> = (0..10)
+            .map(|_| broker.publish("t", &data(), None))
+            .collect();
         let replay = broker.replay(ids[0], 4);
         assert_eq!(replay.frames.len(), 4);
         assert!(replay.more);
@@ -102,10 +148,23 @@ mod tests {
     #[test]
     fn replay_from_a_dropped_id_reports_truncation() {
         let broker = broker(5);
-        let ids: Vec<_> = (0..20).map(|_| broker.publish("t", &data())).collect();
+        let ids: Vec<_> = (0..20)
+            .map(|_| broker.publish("t", &data(), None))
+            .collect();
         assert!(broker.replay(ids[0], 100).truncated);
         assert!(!broker.replay(ids[15], 100).truncated);
         assert_eq!(broker.replay(ids[15], 100).frames.len(), 4);
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_returns_the_first_id_and_stores_nothing() {
+        let broker = broker(100);
+        let first = broker.publish("t", &data(), Some("k1"));
+        let again = broker.publish("t", &data(), Some("k1"));
+        let other = broker.publish("t", &data(), Some("k2"));
+        assert_eq!(first, again);
+        assert_ne!(first, other);
+        assert_eq!(broker.replay(EventId::new(0, 0), 100).frames.len(), 2);
     }
 
     #[test]

@@ -56,9 +56,9 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// Stores an event and fans it out; returns its id. `event_type` must be valid. With
-    /// Redis, a retry carrying the same `idempotency_key` within ten minutes returns the
-    /// first id and stores nothing; the in-process broker has no retries to absorb.
+    /// Stores an event and fans it out; returns its id. `event_type` must be valid. A
+    /// retry carrying the same `idempotency_key` within ten minutes returns the first id
+    /// and stores nothing.
     pub async fn publish(
         &self,
         event_type: &str,
@@ -66,7 +66,7 @@ impl Broker {
         idempotency_key: Option<&str>,
     ) -> Result<EventId, Error> {
         match self {
-            Self::Memory(broker) => Ok(broker.publish(event_type, data)),
+            Self::Memory(broker) => Ok(broker.publish(event_type, data, idempotency_key)),
             Self::Redis(broker) => broker.publish(event_type, data, idempotency_key).await,
         }
     }

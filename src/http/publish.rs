@@ -12,7 +12,7 @@ use crate::publisher::{self, PublishError};
 use crate::state::AppState;
 
 /// Publishes `{"type": "...", "data": <any JSON>}`; answers `202 {"id": "..."}`. An
-/// `Idempotency-Key` header makes retries safe with the Redis broker.
+/// `Idempotency-Key` header makes retries safe.
 pub async fn publish_event(
     State(state): State<AppState>,
     headers: HeaderMap,

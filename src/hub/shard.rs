@@ -4,10 +4,18 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
 
 use super::Frame;
 use super::client::{Client, End, MAX_BATCH};
 use crate::metrics::Metrics;
+
+/// Frames closer together than this mean the replica is busy: worth batching.
+const BUSY_GAP: Duration = Duration::from_millis(5);
+
+/// How long a busy thread waits for more frames before writing what it has. Bounded by
+/// a small fraction of the latencies that matter to a browser, and only paid under load.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// What a fan-out thread is told.
 #[derive(Debug)]
@@ -36,7 +44,15 @@ pub(super) fn run(
 ) {
     let mut clients: Vec<Arc<Client>> = Vec::new();
     let mut batch: Vec<Arc<Frame>> = Vec::with_capacity(MAX_BATCH);
+    let mut last_frame_at: Option<Instant> = None;
     while let Ok(first) = inbox.recv() {
+        let woke = Instant::now();
+        // Frames arriving close together: wait a moment for the next ones, so every
+        // client gets them in one write (fewer syscalls exactly when load is high). An
+        // isolated event is delivered at once.
+        let linger_until = last_frame_at
+            .filter(|last| woke.duration_since(*last) < BUSY_GAP)
+            .map(|_| woke + LINGER);
         let mut sweep = false;
         let mut next = Some(first);
         while let Some(message) = next.take() {
@@ -56,6 +72,18 @@ pub(super) fn run(
                 Message::Detach => sweep = true,
             }
             next = inbox.try_recv().ok();
+            if next.is_none()
+                && !batch.is_empty()
+                && let Some(until) = linger_until
+            {
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    next = inbox.recv_timeout(left).ok();
+                }
+            }
+        }
+        if !batch.is_empty() {
+            last_frame_at = Some(woke);
         }
         deliver(&clients, &mut batch, client_queue, &metrics);
         if signals.overflowed.swap(false, Ordering::Relaxed) {

@@ -289,7 +289,8 @@ impl Drop for GatewayProc {
     }
 }
 
-fn drain_lines<R: Read>(
+/// Copies `r` line by line into `log` (each line prefixed) and, when given, to `tx`.
+pub fn drain_lines<R: Read>(
     r: R,
     prefix: &str,
     log: &Arc<Mutex<Vec<String>>>,

@@ -7,14 +7,14 @@
 //! time and on that same port after every [`Replica::restart`]. Output is drained into a
 //! buffer that is printed if the test panics.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::gateway::{STARTUP_DEADLINE, parse_addr_field};
+use super::gateway::{STARTUP_DEADLINE, drain_lines, parse_addr_field};
 
 /// How long a restart keeps trying to bind the old port (it can be busy for a moment).
 const REBIND_DEADLINE: Duration = Duration::from_secs(5);
@@ -227,24 +227,6 @@ fn spawn_drain<R: Read + Send + 'static>(
 ) {
     std::thread::Builder::new()
         .name("replica-output".into())
-        .spawn(move || {
-            let mut reader = BufReader::new(r);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                        if let Ok(mut l) = log.lock() {
-                            l.push(format!("{prefix}{line}"));
-                        }
-                        if let Some(tx) = &tx {
-                            let _ = tx.send(line);
-                        }
-                    }
-                }
-            }
-        })
+        .spawn(move || drain_lines(r, &prefix, &log, tx))
         .expect("spawn output thread");
 }
