@@ -90,7 +90,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub client_queue: u64,
 
-    /// Events kept for resume after a reconnect.
+    /// Events kept for resume after a reconnect (in memory: at most 64 MiB of them).
     #[arg(long, env = "EVENTFABRIC_HISTORY", default_value_t = 10_000, global = true,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub history: u64,

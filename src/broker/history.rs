@@ -8,11 +8,17 @@ use std::sync::Arc;
 use crate::event::EventId;
 use crate::hub::Frame;
 
+/// Most bytes of encoded frames a ring keeps, whatever its event capacity: 10,000 events
+/// of the largest allowed size would otherwise pin 640 MB.
+pub const MAX_RING_BYTES: usize = 64 * 1024 * 1024;
+
 /// Recent events with ids, oldest first, ids strictly increasing.
 #[derive(Debug)]
 pub struct HistoryRing {
     frames: VecDeque<Arc<Frame>>,
     capacity: usize,
+    bytes: usize,
+    max_bytes: usize,
     /// Newest id dropped from the ring, if any.
     newest_dropped: Option<EventId>,
 }
@@ -27,11 +33,18 @@ pub struct RingSlice {
 }
 
 impl HistoryRing {
-    /// An empty ring holding at most `capacity` events.
+    /// An empty ring holding at most `capacity` events and [`MAX_RING_BYTES`].
     pub fn new(capacity: usize) -> Self {
+        Self::with_byte_limit(capacity, MAX_RING_BYTES)
+    }
+
+    /// An empty ring holding at most `capacity` events and `max_bytes` of frames.
+    pub fn with_byte_limit(capacity: usize, max_bytes: usize) -> Self {
         Self {
             frames: VecDeque::with_capacity(capacity.min(4096)),
             capacity,
+            bytes: 0,
+            max_bytes,
             newest_dropped: None,
         }
     }
@@ -46,17 +59,21 @@ impl HistoryRing {
             self.newest_dropped = Some(id);
             return;
         }
-        if self.frames.len() == self.capacity
-            && let Some(dropped) = self.frames.pop_front()
-        {
+        self.bytes += frame.bytes.len();
+        self.frames.push_back(Arc::clone(frame));
+        while self.frames.len() > self.capacity || self.bytes > self.max_bytes {
+            let Some(dropped) = self.frames.pop_front() else {
+                break;
+            };
+            self.bytes -= dropped.bytes.len();
             self.newest_dropped = dropped.id;
         }
-        self.frames.push_back(Arc::clone(frame));
     }
 
     /// Forgets everything (the ring is no longer known to be gap-free).
     pub fn clear(&mut self) {
         self.frames.clear();
+        self.bytes = 0;
         self.newest_dropped = None;
     }
 
@@ -129,6 +146,26 @@ mod tests {
         assert!(ring.covers(EventId::new(9, 0)));
         assert!(ring.dropped_after(EventId::new(1, 0)));
         assert!(!ring.dropped_after(EventId::new(2, 0)));
+    }
+
+    #[test]
+    fn the_byte_limit_drops_the_oldest_events() {
+        let mut ring = HistoryRing::with_byte_limit(100, 10);
+        for ms in 1..=5 {
+            ring.push(&Frame::event(
+                Some(EventId::new(ms, 0)),
+                "t",
+                Bytes::from_static(b"1234"),
+            ));
+        }
+        let ids: Vec<_> = ring
+            .after(EventId::new(0, 0), 10)
+            .frames
+            .iter()
+            .map(|f| f.id.unwrap().ms)
+            .collect();
+        assert_eq!(ids, [4, 5]);
+        assert!(ring.dropped_after(EventId::new(2, 0)));
     }
 
     #[test]

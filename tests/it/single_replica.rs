@@ -1065,3 +1065,54 @@ async fn json_log_format_reports_listening_address_in_json_lines() {
         "no `listening` line: {log}"
     );
 }
+
+/// A stream requested on a keep-alive connection that already carried another request
+/// (as a browser's or a proxy's connection pool may do) is served through hyper rather
+/// than on the raw socket; it must behave the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_on_a_reused_keep_alive_connection_delivers_events() {
+    let gw = GatewayProc::start();
+    let api = gw.api();
+    let addr = gw.addr();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let reader = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("send first request");
+        let (head, _) = read_http_response(&mut tcp).expect("a response to /healthz");
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        tcp.write_all(b"GET /api/events/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("send stream request on the same connection");
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let mut told = false;
+        while !String::from_utf8_lossy(&seen).contains(r#""type":"reused""#) {
+            if !told && String::from_utf8_lossy(&seen).contains("retry:") {
+                tx.send(()).expect("tell the publisher");
+                told = true;
+            }
+            match tcp.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("join")
+        .expect("the stream opened");
+    let id = api.publish("reused", json!({"n": 1})).await;
+    let text = reader.await.expect("reader");
+    let lower = text.to_ascii_lowercase();
+    assert!(lower.contains("content-type: text/event-stream"), "{text}");
+    assert!(
+        lower.contains("cache-control: no-cache, no-transform"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("id: {id}")), "{text}");
+    assert!(text.contains(r#""type":"reused""#), "{text}");
+}
