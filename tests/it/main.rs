@@ -12,3 +12,4 @@ mod fabric;
 mod harness;
 mod proxy;
 mod single_replica;
+mod whatwg;

@@ -1,0 +1,148 @@
+//! A client nobody here wrote: the `eventsource` package for Node.js, an implementation of
+//! the WHATWG `EventSource` interface, as a browser would use the stream. It must receive
+//! every event through `onmessage`, and when its replica restarts it must reconnect by
+//! itself, send `Last-Event-ID`, and end with every event exactly once, in order.
+//!
+//! Needs `node` and the package (`npm install --prefix ~/.cache/eventfabric-node
+//! eventsource@3.0.7`, which `.ci/run` does); without them the test prints SKIP.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::replica::Replica;
+use crate::harness::{Api, RedisProc, eventually, unique_namespace};
+
+const SCRIPT: &str = r#"
+const { EventSource } = require('eventsource');
+const [url, want] = [process.argv[2], Number(process.argv[3])];
+const source = new EventSource(url);
+const got = [];
+let opens = 0;
+const say = (line) => process.stdout.write(JSON.stringify(line) + '\n');
+source.onopen = () => { opens += 1; say({ open: opens }); };
+source.onmessage = (message) => {
+  const event = JSON.parse(message.data);
+  got.push({ id: message.lastEventId, type: event.type, seq: event.data.seq });
+  if (got.length === want) {
+    source.close();
+    say({ done: got, opens });
+    process.exit(0);
+  }
+};
+setTimeout(() => { say({ timeout: got, opens }); process.exit(2); }, 30000);
+"#;
+
+/// Directory holding `node_modules/eventsource`, if the package is installed.
+fn eventsource_package() -> Option<PathBuf> {
+    let base = std::env::var_os("EVENTFABRIC_NODE_PREFIX")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(cache.join("eventfabric-node"))
+        })?;
+    let modules = base.join("node_modules");
+    modules.join("eventsource").is_dir().then_some(modules)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whatwg_eventsource_resumes_across_a_replica_restart_without_loss() {
+    let node_ok = Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let Some(modules) = eventsource_package().filter(|_| node_ok) else {
+        println!("SKIP: node or the eventsource package is not installed");
+        return;
+    };
+    let redis = RedisProc::start();
+    let ns = unique_namespace("whatwg");
+    let args: Vec<String> = [
+        "--redis-url",
+        redis.url(),
+        "--namespace",
+        &ns,
+        "--retry-ms",
+        "300",
+        "--heartbeat-secs",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut a = Replica::start("a", &args);
+    let b = Replica::start("b", &args);
+    let (api_a, api_b) = (Api::new(&a.base_url()), Api::new(&b.base_url()));
+    for api in [&api_a, &api_b] {
+        eventually("replica ready", Duration::from_secs(15), || async {
+            (api.get("/readyz").await.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    let script = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(script.path(), SCRIPT).expect("write script");
+    let mut node = Command::new("node")
+        .arg(script.path())
+        .arg(format!("{}/api/events/stream", a.base_url()))
+        .arg("30")
+        .env("NODE_PATH", &modules)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start node");
+    let stdout = node.stdout.take().expect("node stdout");
+    let (tx, rx) = mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str(&line) {
+                let _ = tx.send(value);
+            }
+        }
+    });
+    let next_line = |rx: &mpsc::Receiver<Value>| {
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("a line from the EventSource client")
+    };
+    assert_eq!(next_line(&rx), json!({"open": 1}));
+    api_a.wait_active_clients(1, Duration::from_secs(10)).await;
+
+    let mut ids = Vec::new();
+    for seq in 0..10 {
+        ids.push(api_a.publish("before", json!({ "seq": seq })).await);
+    }
+    // Replica A goes away; events keep coming through replica B meanwhile.
+    a.stop(Duration::from_secs(15));
+    for seq in 10..20 {
+        ids.push(api_b.publish("during", json!({ "seq": seq })).await);
+    }
+    a.restart();
+    assert_eq!(next_line(&rx), json!({"open": 2}), "the client reconnected");
+    for seq in 20..30 {
+        ids.push(api_b.publish("after", json!({ "seq": seq })).await);
+    }
+
+    let done = next_line(&rx);
+    let _ = node.wait();
+    let got = done["done"]
+        .as_array()
+        .unwrap_or_else(|| panic!("client did not finish: {done}"));
+    let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (0..30).collect::<Vec<_>>(),
+        "every event once, in order"
+    );
+    let got_ids: Vec<&str> = got.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        got_ids, ids,
+        "lastEventId of each message is the publish id"
+    );
+    assert_eq!(done["opens"], 2);
+}
