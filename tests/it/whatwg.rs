@@ -58,7 +58,7 @@ async fn whatwg_eventsource_resumes_across_a_replica_restart_without_loss() {
         .output()
         .is_ok_and(|o| o.status.success());
     let Some(modules) = eventsource_package().filter(|_| node_ok) else {
-        println!("SKIP: node or the eventsource package is not installed");
+        eprintln!("SKIP: node or the eventsource package is not installed");
         return;
     };
     let redis = RedisProc::start();
