@@ -120,6 +120,25 @@ pub fn validate_type(event_type: &str) -> Result<(), InvalidEventType> {
     Ok(())
 }
 
+/// Which event types a client wants: every type, or only those listed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TypeFilter(Option<Box<[Box<str>]>>);
+
+impl TypeFilter {
+    /// A filter passing only `types`; an empty list passes everything.
+    pub fn only(types: Vec<Box<str>>) -> Self {
+        Self((!types.is_empty()).then(|| types.into_boxed_slice()))
+    }
+
+    /// Whether an event of this type passes.
+    pub fn wants(&self, event_type: &str) -> bool {
+        match &self.0 {
+            None => true,
+            Some(types) => types.iter().any(|t| &**t == event_type),
+        }
+    }
+}
+
 /// Writes the JSON envelope `{"type":…,"data":…,"id":…,"ts":…}` that clients parse.
 ///
 /// `data` is inserted verbatim (it is already valid JSON), so numbers and key order

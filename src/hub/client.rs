@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Frame;
-use crate::event::EventId;
+use crate::event::{EventId, TypeFilter};
 
 /// Most frames handed to the socket in one write.
 pub const MAX_BATCH: usize = 32;
@@ -65,7 +65,7 @@ pub struct Client {
     /// The socket, when the stream is written on it directly; `None` for streams that
     /// go through hyper, which always take the queue.
     socket: Option<Arc<TcpStream>>,
-    types: Option<Box<[Box<str>]>>,
+    types: TypeFilter,
     state: Mutex<ClientState>,
     wake: Notify,
     /// Cancelled when the client is dropped for being slow, for owners that cannot be
@@ -79,7 +79,7 @@ impl Client {
     /// `last_sent` as the id it resumes after.
     pub fn new(
         socket: Option<Arc<TcpStream>>,
-        types: Option<Box<[Box<str>]>>,
+        types: TypeFilter,
         last_sent: Option<EventId>,
         kill: CancellationToken,
     ) -> Self {
@@ -134,10 +134,7 @@ impl Client {
 
     /// Whether an event of this type passes the client's filter.
     pub fn wants(&self, event_type: &str) -> bool {
-        match &self.types {
-            None => true,
-            Some(types) => types.iter().any(|t| &**t == event_type),
-        }
+        self.types.wants(event_type)
     }
 
     /// Records that the client's task sends `frame` (during replay); false if the client

@@ -218,6 +218,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::TypeFilter;
 
     fn hub(queue: usize) -> Hub {
         Hub::new(queue, 2, Arc::new(Metrics::new()))
@@ -232,7 +233,12 @@ mod tests {
     }
 
     fn queued_client() -> Arc<Client> {
-        Arc::new(Client::new(None, None, None, CancellationToken::new()))
+        Arc::new(Client::new(
+            None,
+            TypeFilter::default(),
+            None,
+            CancellationToken::new(),
+        ))
     }
 
     async fn take_all(client: &Client, want: usize) -> Vec<Bytes> {
@@ -307,7 +313,7 @@ mod tests {
         let hub = hub(100);
         let client = Arc::new(Client::new(
             None,
-            Some(vec!["wanted".into()].into_boxed_slice()),
+            TypeFilter::only(vec!["wanted".into()]),
             Some(EventId::new(2, 0)),
             CancellationToken::new(),
         ));

@@ -1,6 +1,6 @@
 //! What a stream request asks for: a type filter and where to resume.
 
-use crate::event::EventId;
+use crate::event::{EventId, TypeFilter};
 
 /// Most types one `?types=` filter may list; more are ignored.
 const MAX_FILTER_TYPES: usize = 64;
@@ -8,8 +8,8 @@ const MAX_FILTER_TYPES: usize = 64;
 /// The options of one `GET /api/events/stream`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StreamParams {
-    /// Only these event types, when set.
-    pub types: Option<Box<[Box<str>]>>,
+    /// The event types asked for.
+    pub types: TypeFilter,
     /// Resume after this id, when set and valid.
     pub last_event_id: Option<EventId>,
 }
@@ -31,9 +31,7 @@ impl StreamParams {
                         .take(MAX_FILTER_TYPES)
                         .map(Into::into)
                         .collect();
-                    if !types.is_empty() {
-                        params.types = Some(types.into_boxed_slice());
-                    }
+                    params.types = TypeFilter::only(types);
                 }
                 "lastEventId" => query_id = Some(value.into_owned()),
                 _ => {}
@@ -54,10 +52,7 @@ impl StreamParams {
 
     /// Whether an event of this type passes the filter.
     pub fn wants(&self, event_type: &str) -> bool {
-        match &self.types {
-            None => true,
-            Some(types) => types.iter().any(|t| &**t == event_type),
-        }
+        self.types.wants(event_type)
     }
 }
 

@@ -16,10 +16,10 @@ use reqwest::StatusCode;
 use reqwest_eventsource::{Event as EsEvent, EventSource};
 use serde_json::{Value, json};
 
-use crate::harness::sse::Next;
+use crate::harness::sse::{Next, seqs};
 use crate::harness::{
-    Api, ConnectOpts, GatewayBuilder, GatewayProc, RawSse, RedisProc, SseClient, SseEvent,
-    eventually, parse_stream_id, unique_namespace,
+    Api, ConnectOpts, GatewayBuilder, GatewayProc, RawSse, RedisProc, SseClient, eventually,
+    parse_stream_id, unique_namespace,
 };
 
 /// Per-step wait for things that should happen "at once".
@@ -254,15 +254,6 @@ async fn wait_replicas(api: &Api, want: &[(&str, u64)], timeout: Duration) -> Du
         }
         tokio::time::sleep(crate::harness::POLL_INTERVAL).await;
     }
-}
-
-fn seqs(evs: &[SseEvent]) -> Vec<u64> {
-    evs.iter()
-        .map(|e| {
-            e.seq()
-                .unwrap_or_else(|| panic!("event without data.seq: {e:?}"))
-        })
-        .collect()
 }
 
 /// Asserts that no further message arrives on `c` within `quiet`.

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
-use crate::harness::sse::{Next, metric_value};
+use crate::harness::sse::{Next, metric_value, seqs};
 use crate::harness::{
     Api, ConnectOpts, GatewayBuilder, GatewayProc, RawSse, SseClient, SseEvent, now_ms,
     parse_stream_id,
@@ -37,15 +37,6 @@ async fn connect(api: &Api, opts: ConnectOpts, expect_clients: u64) -> SseClient
     let c = SseClient::connect(api.base(), opts).await;
     api.wait_active_clients(expect_clients, T).await;
     c
-}
-
-fn seqs(evs: &[SseEvent]) -> Vec<u64> {
-    evs.iter()
-        .map(|e| {
-            e.seq()
-                .unwrap_or_else(|| panic!("event without data.seq: {e:?}"))
-        })
-        .collect()
 }
 
 fn ids(evs: &[SseEvent]) -> Vec<String> {

@@ -542,3 +542,13 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     }
     found
 }
+
+/// The `data.seq` of each event, in order; panics on an event without one.
+pub fn seqs(evs: &[SseEvent]) -> Vec<u64> {
+    evs.iter()
+        .map(|e| {
+            e.seq()
+                .unwrap_or_else(|| panic!("event without data.seq: {e:?}"))
+        })
+        .collect()
+}
