@@ -5,7 +5,7 @@
 //! - [`config`]: operator settings (flags and environment), validated at start-up.
 //! - [`event`]: event ids, type validation and the JSON envelope clients receive.
 //! - [`sse`]: the SSE wire format, encoded once per event.
-//! - [`hub`]: this replica's fan-out ring, heartbeat tick and slow-client sweeper.
+//! - [`hub`]: this replica's fan-out threads, per-client queues and heartbeat tick.
 //! - [`broker`]: where events are stored for resume: in process, or Redis.
 //! - [`stream`]: the per-client session and the raw-socket stream writer.
 //! - [`server`]: the accept loop that routes each connection to the raw writer or hyper.

@@ -1,9 +1,11 @@
 //! Serving a stream straight on the TCP socket once its request head has been read.
 //!
 //! The response is a fixed head with `Connection: close` (the body ends when the
-//! connection does, which is valid HTTP/1.1 and passes through proxies), then batches of
-//! shared frames written with one vectored write each. Per connection this keeps only
-//! the socket, the session and a small batch vector: no HTTP library buffers.
+//! connection does, which is valid HTTP/1.1 and passes through proxies). This task writes
+//! the head, the replayed history and whatever the client's queue holds, in vectored
+//! writes; events for a caught-up client are written by the hub's fan-out thread instead.
+//! Per connection this keeps only the socket, the session and a small batch vector: no
+//! HTTP library buffers.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
