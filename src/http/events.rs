@@ -48,11 +48,8 @@ pub async fn stream_events(
                         let hint = sse::retry(crate::stream::spread_retry(state.config.retry_ms));
                         Some((Ok(hint), None))
                     }
-                    Err(End::Slow) => {
-                        state.metrics.slow_disconnects.inc();
-                        None
-                    }
-                    Err(End::BrokerUnavailable | End::ClientGone) => None,
+                    // A client dropped as slow was already counted by the hub.
+                    Err(End::Slow | End::BrokerUnavailable | End::ClientGone) => None,
                 }
             }),
         );

@@ -38,6 +38,16 @@ pub enum End {
     ClientGone,
 }
 
+/// What offering frames to a client did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Offered {
+    /// Events written straight to the socket.
+    pub written: u64,
+    /// The client's queue overflowed and it was dropped. Counted here, where it is
+    /// decided: a client whose writer is stuck (a hyper body nobody polls) never reports.
+    pub dropped_as_slow: bool,
+}
+
 /// A frame waiting in a client's queue.
 #[derive(Debug)]
 struct Queued {
@@ -181,15 +191,18 @@ impl Client {
     }
 
     /// Offers frames from the fan-out thread: writes them straight to the socket when the
-    /// client is idle and caught up, else queues them. Returns how many events were written.
-    pub(super) fn offer(&self, frames: &[Arc<Frame>], client_queue: usize) -> u64 {
+    /// client is idle and caught up, else queues them.
+    pub(super) fn offer(&self, frames: &[Arc<Frame>], client_queue: usize) -> Offered {
         let mut state = self.state();
         if state.end.is_some() {
-            return 0;
+            return Offered::default();
         }
         let direct = !state.task_writing && state.queue.is_empty();
         match (&self.socket, direct) {
-            (Some(socket), true) => self.write_direct(socket, &mut state, frames),
+            (Some(socket), true) => Offered {
+                written: self.write_direct(socket, &mut state, frames),
+                dropped_as_slow: false,
+            },
             _ => {
                 for frame in frames {
                     if self.passes_filter(frame) {
@@ -200,8 +213,10 @@ impl Client {
                         });
                     }
                 }
-                self.after_queueing(state, client_queue);
-                0
+                Offered {
+                    written: 0,
+                    dropped_as_slow: self.after_queueing(state, client_queue),
+                }
             }
         }
     }
@@ -295,8 +310,9 @@ impl Client {
         delivered
     }
 
-    /// Wakes the idle task, or drops the client if its queue is over the limit.
-    fn after_queueing(&self, mut state: MutexGuard<'_, ClientState>, client_queue: usize) {
+    /// Wakes the idle task, or drops the client if its queue is over the limit (returns
+    /// whether it did).
+    fn after_queueing(&self, mut state: MutexGuard<'_, ClientState>, client_queue: usize) -> bool {
         if state.queue.len() > client_queue {
             state.end = Some(End::Slow);
             state.queue.clear();
@@ -304,10 +320,14 @@ impl Client {
             self.closed.store(true, Ordering::Relaxed);
             self.kill.cancel();
             self.wake.notify_one();
-        } else if !state.task_writing {
-            state.task_writing = true;
-            drop(state);
-            self.wake.notify_one();
+            true
+        } else {
+            if !state.task_writing {
+                state.task_writing = true;
+                drop(state);
+                self.wake.notify_one();
+            }
+            false
         }
     }
 }

@@ -169,6 +169,7 @@ impl Hub {
         if !attached {
             // The thread is saturated: turn the client away to retry, rather than wait.
             client.close(End::Slow);
+            self.inner.metrics.slow_disconnects.inc();
         }
         Attachment {
             client,

@@ -96,6 +96,7 @@ pub(super) fn run(
             for client in &clients {
                 client.close(End::Slow);
             }
+            metrics.slow_disconnects.inc_by(clients.len() as u64);
             sweep = true;
         }
         if sweep {
@@ -113,14 +114,19 @@ fn deliver(
     if batch.is_empty() {
         return;
     }
-    let mut delivered = 0;
+    let (mut delivered, mut dropped) = (0, 0);
     for client in clients {
         if !client.is_closed() {
-            delivered += client.offer(batch, client_queue);
+            let offered = client.offer(batch, client_queue);
+            delivered += offered.written;
+            dropped += u64::from(offered.dropped_as_slow);
         }
     }
     if delivered > 0 {
         metrics.events_delivered.inc_by(delivered);
+    }
+    if dropped > 0 {
+        metrics.slow_disconnects.inc_by(dropped);
     }
     batch.clear();
 }

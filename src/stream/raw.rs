@@ -83,7 +83,6 @@ pub async fn serve_raw(mut stream: TcpStream, params: StreamParams, state: AppSt
     };
     let farewell = match end {
         End::Slow => {
-            state.metrics.slow_disconnects.inc();
             tracing::debug!("disconnected a client that fell behind");
             None
         }

@@ -1107,3 +1107,66 @@ async fn stream_on_a_reused_keep_alive_connection_delivers_events() {
     assert!(text.contains(&format!("id: {id}")), "{text}");
     assert!(text.contains(r#""type":"reused""#), "{text}");
 }
+
+/// The slow-client policy also holds for a stream served through hyper (requested on a
+/// reused keep-alive connection): hyper stops polling a body whose socket is full, so the
+/// hub must drop the connection itself once the client's queue overflows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_on_a_reused_connection_is_disconnected() {
+    let gw = GatewayBuilder::new().opt("--client-queue", 100).spawn();
+    let api = gw.api();
+    let addr = gw.addr();
+    let stalled = tokio::task::spawn_blocking(move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        s.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        s.connect_timeout(&addr.into(), Duration::from_secs(5))
+            .expect("connect");
+        let mut tcp: TcpStream = s.into();
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("send first request");
+        read_http_response(&mut tcp).expect("a response to /healthz");
+        tcp.write_all(b"GET /api/events/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .expect("send stream request on the same connection");
+        tcp
+    })
+    .await
+    .expect("stalled client");
+    api.wait_active_clients(1, T).await;
+
+    let pad = "p".repeat(1000);
+    let mut seq = 0u64;
+    let mut disconnected = false;
+    while seq < 20_000 && !disconnected {
+        seq += 1;
+        api.publish("load", json!({"seq": seq, "pad": pad})).await;
+        if seq.is_multiple_of(250) {
+            let m = api
+                .metric("eventfabric_slow_client_disconnects_total")
+                .await;
+            disconnected = m.unwrap_or(0.0) >= 1.0;
+        }
+    }
+    assert!(
+        disconnected,
+        "no slow-client disconnect after {seq} events of 1 KiB with --client-queue 100"
+    );
+    api.wait_active_clients(0, T).await;
+
+    // The server dropped the connection: reading drains to EOF or a reset.
+    stalled.set_nonblocking(true).expect("nonblocking");
+    let mut stalled = tokio::net::TcpStream::from_std(stalled).expect("tokio stream");
+    let mut buf = vec![0u8; 64 * 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the stalled connection was not closed");
+}
