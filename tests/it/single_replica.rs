@@ -179,10 +179,7 @@ async fn ids_increase_strictly_and_match_publish_responses() {
     let gw = GatewayProc::start();
     let api = gw.api();
     let mut c = connect(&api, ConnectOpts::default(), 1).await;
-    let mut published = Vec::new();
-    for seq in 1..=30 {
-        published.push(api.publish_seq("tick", seq).await);
-    }
+    let published = api.publish_seqs("tick", 1..=30).await;
     let evs = c.collect(30, T).await;
     assert_eq!(seqs(&evs), (1..=30).collect::<Vec<_>>());
     assert_eq!(ids(&evs), published, "delivered ids must equal POST ids");
@@ -313,19 +310,14 @@ async fn resume_replays_missed_events_exactly_once(make_opts: fn(&str) -> Connec
     let gw = GatewayProc::start();
     let api = gw.api();
     let mut first = connect(&api, ConnectOpts::default(), 1).await;
-    let mut published = Vec::new();
-    for seq in 1..=10 {
-        published.push(api.publish_seq("tick", seq).await);
-    }
+    let mut published = api.publish_seqs("tick", 1..=10).await;
     let got = first.collect(4, T).await;
     assert_eq!(seqs(&got), vec![1, 2, 3, 4]);
     let resume_from = got[3].id.clone();
     assert_eq!(resume_from, published[3]);
     drop(first);
 
-    for seq in 11..=15 {
-        published.push(api.publish_seq("tick", seq).await);
-    }
+    published.extend(api.publish_seqs("tick", 11..=15).await);
     let opts = make_opts(&resume_from);
     let mut second = SseClient::connect(api.base(), opts).await;
     let replay = second.collect(11, T).await;
@@ -384,10 +376,7 @@ async fn resume_from_latest_id_replays_nothing() {
 async fn resume_within_small_history_replays_retained_events() {
     let gw = GatewayBuilder::new().opt("--history", 5).spawn();
     let api = gw.api();
-    let mut published = Vec::new();
-    for seq in 1..=20 {
-        published.push(api.publish_seq("tick", seq).await);
-    }
+    let published = api.publish_seqs("tick", 1..=20).await;
     // seq 18 is well inside the last 5 retained events.
     let mut c = connect(&api, ConnectOpts::header(&published[17]), 1).await;
     let replay = c.collect(2, T).await;
@@ -400,10 +389,7 @@ async fn resume_within_small_history_replays_retained_events() {
 async fn resume_from_evicted_id_sends_history_truncated_then_live_only() {
     let gw = GatewayBuilder::new().opt("--history", 5).spawn();
     let api = gw.api();
-    let mut published = Vec::new();
-    for seq in 1..=20 {
-        published.push(api.publish_seq("tick", seq).await);
-    }
+    let published = api.publish_seqs("tick", 1..=20).await;
     let mut c = connect(&api, ConnectOpts::header(&published[0]), 1).await;
     let first = c.expect_event(T).await;
     assert_eq!(

@@ -421,6 +421,16 @@ impl Api {
         self.publish(ty, json!({ "seq": seq })).await
     }
 
+    /// Publishes `{"seq": n}` events of type `ty` for every `n` in `seqs`, in order;
+    /// returns their ids.
+    pub async fn publish_seqs(&self, ty: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<String> {
+        let mut ids = Vec::new();
+        for seq in seqs {
+            ids.push(self.publish_seq(ty, seq).await);
+        }
+        ids
+    }
+
     /// `POST /api/events` with an arbitrary body; returns status and body text.
     pub async fn post_raw(
         &self,
