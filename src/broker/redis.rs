@@ -195,15 +195,11 @@ impl RedisBroker {
         data: &RawValue,
         idempotency_key: Option<&str>,
     ) -> Result<EventId, Error> {
-        let mut conn = self.connection().await?;
-        let mut call = redis::cmd("FCALL");
-        call.arg("eventfabric_publish")
-            .arg(1)
-            .arg(&self.keys.stream)
-            .arg(event_type)
+        let mut call = self.library_call("FCALL", "eventfabric_publish");
+        call.arg(event_type)
             .arg(data.get())
             .arg(idempotency_key.unwrap_or(""));
-        let id: String = self.call_with_library(&mut conn, &call).await?;
+        let id: String = self.call_with_library(&call).await?;
         id.parse()
             .map_err(|_| Error::Rejected(format!("Redis returned an unexpected id {id:?}")))
     }
@@ -241,15 +237,10 @@ impl RedisBroker {
 
     /// Stored events after `after`, read from the stream in Redis.
     pub async fn replay_from_stream(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
-        let mut conn = self.connection().await?;
-        let mut call = redis::cmd("FCALL_RO");
-        call.arg("eventfabric_replay")
-            .arg(1)
-            .arg(&self.keys.stream)
-            .arg(after.to_string())
-            .arg(limit);
+        let mut call = self.library_call("FCALL_RO", "eventfabric_replay");
+        call.arg(after.to_string()).arg(limit);
         let (truncated, entries): (i64, Vec<(String, Vec<String>)>) =
-            self.call_with_library(&mut conn, &call).await?;
+            self.call_with_library(&call).await?;
         let more = entries.len() >= limit;
         let frames = entries
             .into_iter()
@@ -293,36 +284,26 @@ impl RedisBroker {
 
     /// Records that `replica_id` is alive with `clients` clients.
     pub async fn heartbeat(&self, replica_id: &str, clients: usize) -> Result<(), Error> {
-        let mut conn = self.connection().await?;
-        let mut call = redis::cmd("FCALL");
-        call.arg("eventfabric_heartbeat")
-            .arg(1)
-            .arg(&self.keys.stream)
-            .arg(replica_id)
+        let mut call = self.library_call("FCALL", "eventfabric_heartbeat");
+        call.arg(replica_id)
             .arg(clients)
             .arg(REPLICA_TTL.as_millis() as u64);
-        let _: i64 = self.call_with_library(&mut conn, &call).await?;
+        let _: i64 = self.call_with_library(&call).await?;
         Ok(())
     }
 
     /// Removes `replica_id` from the cluster stats at once (graceful shutdown).
     pub async fn leave(&self, replica_id: &str) -> Result<(), Error> {
-        let mut conn = self.connection().await?;
-        let mut call = redis::cmd("FCALL");
-        call.arg("eventfabric_leave")
-            .arg(1)
-            .arg(&self.keys.stream)
-            .arg(replica_id);
-        let _: i64 = self.call_with_library(&mut conn, &call).await?;
+        let mut call = self.library_call("FCALL", "eventfabric_leave");
+        call.arg(replica_id);
+        let _: i64 = self.call_with_library(&call).await?;
         Ok(())
     }
 
     /// Counters and live replicas of the namespace.
     pub async fn cluster_stats(&self) -> Result<ClusterStats, Error> {
-        let mut conn = self.connection().await?;
-        let mut call = redis::cmd("FCALL");
-        call.arg("eventfabric_stats").arg(1).arg(&self.keys.stream);
-        let reply: StatsReply = self.call_with_library(&mut conn, &call).await?;
+        let call = self.library_call("FCALL", "eventfabric_stats");
+        let reply: StatsReply = self.call_with_library(&call).await?;
         let (_now, counters, replicas) = reply;
         let mut stats = ClusterStats::default();
         for (field, count) in counters {
@@ -341,13 +322,22 @@ impl RedisBroker {
         Ok(stats)
     }
 
+    /// `<command> <function> 1 {ns}:stream`: a call into the library on this namespace,
+    /// to which the caller appends the function's arguments.
+    fn library_call(&self, command: &str, function: &str) -> redis::Cmd {
+        let mut call = redis::cmd(command);
+        call.arg(function).arg(1).arg(&self.keys.stream);
+        call
+    }
+
     /// Runs a library call, loading the library first if Redis lost it (a restart
     /// without persistence does that).
     async fn call_with_library<T: redis::FromRedisValue>(
         &self,
-        conn: &mut deadpool_redis::Connection,
         call: &redis::Cmd,
     ) -> Result<T, Error> {
+        let mut conn = self.connection().await?;
+        let conn = &mut conn;
         match bounded(call.query_async(&mut **conn)).await {
             Err(Error::Rejected(detail)) if detail.contains("Function not found") => {
                 tracing::info!("function library missing in Redis; loading it");
