@@ -9,6 +9,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Open files kept back from `--max-clients 0` for Redis, logs and non-stream requests.
 const FD_RESERVE: u64 = 500;
 
+/// Default of `--history` (also the function library's default).
+pub(crate) const DEFAULT_HISTORY: u64 = 10_000;
+
+/// Default of `--max-event-bytes` (also the function library's default).
+pub(crate) const DEFAULT_MAX_EVENT_BYTES: u64 = 65_536;
+
 /// eventfabric: a Server-Sent Events gateway. Producers publish events; every connected
 /// browser receives them, and can resume after a reconnect without losing any.
 #[derive(Debug, Parser)]
@@ -91,12 +97,12 @@ pub struct Config {
     pub client_queue: u64,
 
     /// Events kept for resume after a reconnect (in memory: at most 64 MiB of them).
-    #[arg(long, env = "EVENTFABRIC_HISTORY", default_value_t = 10_000, global = true,
+    #[arg(long, env = "EVENTFABRIC_HISTORY", default_value_t = DEFAULT_HISTORY, global = true,
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub history: u64,
 
     /// Largest accepted publish body, in bytes.
-    #[arg(long, env = "EVENTFABRIC_MAX_EVENT_BYTES", default_value_t = 65_536, global = true,
+    #[arg(long, env = "EVENTFABRIC_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES, global = true,
           value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
     pub max_event_bytes: u64,
 

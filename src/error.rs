@@ -1,14 +1,13 @@
 //! The one error type HTTP handlers return: a status and a stable JSON body. Causes are
 //! logged here and never sent to clients.
 
-use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 /// An API failure as the client sees it.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// The request is malformed; the message says how.
     #[error("{0}")]
     BadRequest(String),
@@ -21,9 +20,6 @@ pub enum ApiError {
     /// No route matches the path.
     #[error("no such endpoint")]
     NotFound,
-    /// This replica cannot take another stream now (full or shutting down).
-    #[error("this replica cannot take more streams now")]
-    Overloaded,
     /// The broker cannot take the request now.
     #[error("broker unavailable")]
     Unavailable(#[source] crate::broker::Error),
@@ -35,7 +31,6 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
     }
@@ -51,8 +46,12 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut response =
-            (status, Json(json!({ "error": code, "message": message }))).into_response();
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            error_body(code, &message),
+        )
+            .into_response();
         if matches!(self, Self::TooLarge { .. }) {
             // The rest of the body is not read, so the connection cannot carry another
             // request; say so rather than let the client find out on its next one.
@@ -62,4 +61,9 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The JSON body of every error answer: `{"error": <code>, "message": <text>}`.
+pub(crate) fn error_body(code: &str, message: &str) -> String {
+    json!({ "error": code, "message": message }).to_string()
 }

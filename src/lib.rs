@@ -1,33 +1,35 @@
 //! eventfabric: a Server-Sent Events gateway. Producers publish events; every replica fans
 //! them out to its browsers, which can resume after a reconnect without losing any.
 //!
-//! Module map:
-//! - [`config`]: operator settings (flags and environment), validated at start-up.
-//! - [`event`]: event ids, type validation and the JSON envelope clients receive.
-//! - [`sse`]: the SSE wire format, encoded once per event.
-//! - [`hub`]: this replica's fan-out threads, per-client queues and heartbeat tick.
-//! - [`broker`]: where events are stored for resume: in process, or Redis.
-//! - [`stream`]: the per-client session and the raw-socket stream writer.
-//! - [`server`]: the accept loop that routes each connection to the raw writer or hyper.
-//! - [`http`]: the axum routes (publish, stats, health, metrics).
-//! - [`publisher`]: publishing API for Rust producers.
-//! - [`metrics`]: counters behind `/metrics` and `/api/events/stats`.
-//! - [`state`], [`error`], [`shutdown`], [`telemetry`]: plumbing.
+//! Module map (all private; the items re-exported below are the public surface):
+//! - `config`: operator settings (flags and environment), validated at start-up.
+//! - `event`: event ids, type validation and the JSON envelope clients receive.
+//! - `sse`: the SSE wire format; `Frame` is an event encoded once, shared by every client.
+//! - `broker`: where events are stored for resume (in process, or Redis) and the one
+//!   `deliver` path from a backend into the history ring and the hub.
+//! - `hub`: this replica's fan-out threads, per-client queues and heartbeat tick.
+//! - `stream`: the response contract every stream shares (admission, headers, `503`,
+//!   farewell `retry:`) and its two writers, raw socket and hyper.
+//! - `server`: the accept loop that routes each connection to a stream writer or hyper.
+//! - `http`: the axum routes (publish, stats, health, metrics).
+//! - `publisher`: publishing API for Rust producers.
+//! - `metrics`: counters behind `/metrics` and `/api/events/stats`.
+//! - `state`, `error`, `shutdown`, `telemetry`: plumbing.
 
-pub mod broker;
-pub mod config;
-pub mod error;
-pub mod event;
-pub mod http;
-pub mod hub;
-pub mod metrics;
-pub mod publisher;
-pub mod server;
-pub mod shutdown;
-pub mod sse;
-pub mod state;
-pub mod stream;
-pub mod telemetry;
+mod broker;
+mod config;
+mod error;
+mod event;
+mod http;
+mod hub;
+mod metrics;
+mod publisher;
+mod server;
+mod shutdown;
+mod sse;
+mod state;
+mod stream;
+mod telemetry;
 
 use std::sync::Arc;
 
@@ -35,12 +37,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::Config;
+pub use broker::{ClusterStats, Error as BrokerError, ReplicaStats};
+pub use config::{Cli, Command, Config, LogFormat};
 pub use event::EventId;
 pub use publisher::{PublishError, Publisher};
+pub use shutdown::cancel_on_signal;
+pub use telemetry::init as init_logging;
 
-use broker::subscriber::Background;
-use broker::{Broker, MemoryBroker, RedisBroker, RedisSettings};
+use broker::{Broker, RedisSettings};
 use hub::Hub;
 use metrics::Metrics;
 use state::AppState;
@@ -53,7 +57,7 @@ pub enum StartError {
     Listener(#[source] std::io::Error),
     /// The broker settings are unusable (for example a malformed Redis URL).
     #[error("cannot set up the broker: {0}")]
-    Broker(#[source] broker::Error),
+    Broker(#[source] BrokerError),
 }
 
 /// A built gateway: broker, hub and HTTP state, ready to serve on a listener.
@@ -63,31 +67,45 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds every part of a gateway from `config`.
+    /// Builds every part of a gateway from `config`. Nothing connects yet: a gateway
+    /// builds, and serves, while its Redis is down.
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
+        let replica_id: Arc<str> = config.resolved_replica_id().into();
         let hub = Hub::new(
             config.client_queue as usize,
             config.fanout_threads(),
             Arc::clone(&metrics),
         );
         let broker = match config.redis_url() {
-            None => Broker::Memory(Arc::new(MemoryBroker::new(
-                config.history as usize,
+            None => Broker::memory(
+                config.history,
                 hub.clone(),
-            ))),
-            Some(url) => Broker::Redis(Arc::new(
-                RedisBroker::new(RedisSettings {
+                Arc::clone(&metrics),
+                Arc::clone(&replica_id),
+            ),
+            Some(url) => Broker::redis(
+                RedisSettings {
                     url: url.to_owned(),
                     namespace: config.namespace.clone(),
                     history: config.history,
                     max_event_bytes: config.max_event_bytes,
-                })
-                .map_err(StartError::Broker)?,
-            )),
+                },
+                hub.clone(),
+                Arc::clone(&metrics),
+                Arc::clone(&replica_id),
+            )
+            .map_err(StartError::Broker)?,
         };
-        let state = AppState::new(config, hub, broker, metrics, CancellationToken::new());
+        let state = AppState::new(
+            config,
+            hub,
+            broker,
+            metrics,
+            replica_id,
+            CancellationToken::new(),
+        );
         Ok(Self { state })
     }
 
@@ -96,8 +114,15 @@ impl Gateway {
         Publisher::new(self.state.broker.clone(), self.state.config.max_event_bytes)
     }
 
-    /// The shared state, for tests that drive the router directly.
-    pub fn state(&self) -> &AppState {
+    /// Client and event counts of the whole fabric (with Redis, every live replica of the
+    /// namespace), as `GET /api/events/stats` reports them.
+    pub async fn cluster_stats(&self) -> Result<ClusterStats, BrokerError> {
+        self.state.broker.cluster_stats().await
+    }
+
+    /// The shared state, for in-process tests that drive the router or a stream directly.
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> &AppState {
         &self.state
     }
 
@@ -125,18 +150,7 @@ impl Gateway {
                 _ = root.cancelled() => {}
             }
         });
-        if let Broker::Redis(redis) = &state.broker {
-            let background = Background {
-                broker: Arc::clone(redis),
-                hub: state.hub.clone(),
-                metrics: Arc::clone(&state.metrics),
-                replica_id: Arc::clone(&state.replica_id),
-                max_event_bytes: state.config.max_event_bytes,
-            };
-            tracker.spawn(background.clone().run_subscriber(state.shutdown.clone()));
-            tracker.spawn(background.clone().run_canary(state.shutdown.clone()));
-            tracker.spawn(background.run_reporter(state.shutdown.clone()));
-        }
+        state.broker.start(&tracker, &state.shutdown);
         tracing::info!(
             %addr,
             broker = state.broker.kind(),
@@ -146,7 +160,6 @@ impl Gateway {
         );
         let router = http::router(state.clone());
         server::accept_loop(listener, state.clone(), router, tracker.clone()).await;
-        state.start_draining();
         tracker.close();
         let clients = state.hub.client_count();
         tracing::info!(clients, "draining");

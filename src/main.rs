@@ -13,8 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use eventfabric::config::{Cli, Command};
-use eventfabric::{Config, Publisher, shutdown, telemetry};
+use eventfabric::{Cli, Command, Config, Gateway, Publisher};
 
 /// Pending connections the kernel may queue, so a reconnect storm is not refused.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -24,7 +23,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.config.log_format);
+    eventfabric::init_logging(cli.config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -59,7 +58,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    shutdown::cancel_on_signal(shutdown.clone()).context("cannot install signal handlers")?;
+    eventfabric::cancel_on_signal(shutdown.clone()).context("cannot install signal handlers")?;
     let listener =
         bind(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     eventfabric::run(config, listener, shutdown).await?;
@@ -104,31 +103,12 @@ async fn publish(
 
 async fn stats(config: &Config) -> anyhow::Result<()> {
     let body = match config.redis_url() {
-        Some(url) => {
-            let keys_ok = eventfabric::broker::keys::validate_namespace(&config.namespace);
-            keys_ok.map_err(|why| anyhow!("namespace {why}"))?;
-            let broker =
-                eventfabric::broker::RedisBroker::new(eventfabric::broker::RedisSettings {
-                    url: url.to_owned(),
-                    namespace: config.namespace.clone(),
-                    history: config.history,
-                    max_event_bytes: config.max_event_bytes,
-                })?;
-            let stats = tokio::time::timeout(COMMAND_TIMEOUT, broker.cluster_stats())
+        Some(_) => {
+            let gateway = Gateway::build(config.clone()).await?;
+            let stats = tokio::time::timeout(COMMAND_TIMEOUT, gateway.cluster_stats())
                 .await
                 .context("Redis did not answer in time")??;
-            let replicas: Vec<_> = stats
-                .replicas
-                .iter()
-                .map(|(id, clients, seen)| serde_json::json!({"id": id, "active_clients": clients, "last_seen_ms": seen}))
-                .collect();
-            serde_json::json!({
-                "active_clients": stats.replicas.iter().map(|r| r.1).sum::<u64>(),
-                "total_events_broadcast": stats.total_events,
-                "events_by_type": stats.events_by_type,
-                "replicas": replicas,
-            })
-            .to_string()
+            serde_json::to_string(&stats)?
         }
         None => {
             let (status, body) = http_get(config.listen, "/api/events/stats").await?;

@@ -5,8 +5,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::broker::{self, Broker};
+use std::sync::Arc;
+
+use crate::broker::{self, Broker, RedisSettings};
+use crate::config::{DEFAULT_HISTORY, DEFAULT_MAX_EVENT_BYTES};
 use crate::event::{self, EventId, InvalidEventType};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 /// Why an event was not published.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +35,7 @@ pub enum PublishError {
 
 /// A parsed `POST /api/events` body.
 #[derive(Debug, Deserialize)]
-pub struct PublishRequest<'a> {
+pub(crate) struct PublishRequest<'a> {
     /// The event type.
     #[serde(rename = "type")]
     pub event_type: std::borrow::Cow<'a, str>,
@@ -40,7 +45,7 @@ pub struct PublishRequest<'a> {
 }
 
 /// Parses a publish body, explaining what is wrong in words a producer can act on.
-pub fn parse_request(body: &[u8]) -> Result<PublishRequest<'_>, String> {
+pub(crate) fn parse_request(body: &[u8]) -> Result<PublishRequest<'_>, String> {
     let raw: &RawValue =
         serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
     if !raw.get().starts_with('{') {
@@ -59,7 +64,7 @@ pub fn parse_request(body: &[u8]) -> Result<PublishRequest<'_>, String> {
 }
 
 /// Checks size and type, then stores the event. `data` of `None` means JSON `null`.
-pub async fn publish_validated(
+pub(crate) async fn publish_validated(
     broker: &Broker,
     event_type: &str,
     data: Option<&RawValue>,
@@ -99,26 +104,26 @@ pub struct Publisher {
 
 impl Publisher {
     /// A publisher writing to `broker`, refusing events over `max_bytes`.
-    pub fn new(broker: Broker, max_bytes: u64) -> Self {
+    pub(crate) fn new(broker: Broker, max_bytes: u64) -> Self {
         Self { broker, max_bytes }
     }
 
     /// A publisher for another process: writes to the namespace's stream in Redis, from
     /// where every replica delivers the event. No connection is made until first use.
     pub fn redis(url: &str, namespace: &str) -> Result<Self, PublishError> {
-        crate::broker::keys::validate_namespace(namespace)
+        broker::keys::validate_namespace(namespace)
             .map_err(|why| broker::Error::Rejected(format!("namespace {why}")))?;
-        let settings = crate::broker::RedisSettings {
+        let settings = RedisSettings {
             url: url.to_owned(),
             namespace: namespace.to_owned(),
-            history: 10_000,
-            max_event_bytes: 65_536,
+            history: DEFAULT_HISTORY,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
         };
-        let broker = crate::broker::RedisBroker::new(settings)?;
-        Ok(Self::new(
-            Broker::Redis(std::sync::Arc::new(broker)),
-            65_536,
-        ))
+        // A publisher delivers to nobody in this process: a hub without fan-out threads.
+        let metrics = Arc::new(Metrics::new());
+        let hub = Hub::new(1, 0, Arc::clone(&metrics));
+        let broker = Broker::redis(settings, hub, metrics, "publisher".into())?;
+        Ok(Self::new(broker, DEFAULT_MAX_EVENT_BYTES))
     }
 
     /// Publishes like [`Publisher::publish`]; a retry with the same `key` within ten

@@ -15,12 +15,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::http::ConnectionKill;
 use crate::state::AppState;
-use crate::stream::{StreamParams, serve_raw};
+use crate::stream::{ConnectionKill, StreamParams, serve_raw};
 
 /// The path served on the raw socket.
-pub const STREAM_PATH: &str = "/api/events/stream";
+pub(crate) const STREAM_PATH: &str = "/api/events/stream";
 
 /// Longest request head read before deciding how to serve a connection; longer heads go
 /// to hyper, which enforces its own limits.
@@ -39,7 +38,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const PEEK_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Accepts connections until the gateway shuts down. Every connection task is tracked.
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     state: AppState,
     router: Router,
@@ -167,7 +166,7 @@ fn classify(head: &[u8]) -> Option<Classified> {
 /// Serves a connection with hyper (HTTP/1.1, keep-alive) and the axum router.
 async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
     let kill = ConnectionKill::default();
-    let kicked = kill.0.clone();
+    let kicked = kill.clone();
     let service = router.map_request(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(kill.clone());
         request
@@ -179,7 +178,7 @@ async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
     tokio::pin!(connection);
     tokio::select! {
         result = connection.as_mut() => log_connection_error(result),
-        _ = kicked.cancelled() => {}
+        _ = kicked.killed() => {}
         _ = state.shutdown.cancelled() => {
             connection.as_mut().graceful_shutdown();
             if let Ok(result) = tokio::time::timeout(state.config.drain(), connection).await {
@@ -222,7 +221,7 @@ mod tests {
             Some(Classified::Stream { head_len, params }) => {
                 assert_eq!(head_len, head.len());
                 assert_eq!(params.last_event_id, Some(EventId::new(3, 4)));
-                assert!(params.wants("a") && !params.wants("b"));
+                assert!(params.types.wants("a") && !params.types.wants("b"));
             }
             _ => panic!("not recognised as a stream"),
         }

@@ -1,12 +1,61 @@
 //! Server-Sent Events wire format: turns ids, JSON payloads and control hints into the
 //! exact bytes written to clients.
 //!
-//! Every frame is encoded once and shared by all clients as [`Bytes`], so the fan-out path
-//! never formats anything per client.
+//! This is the one place an event becomes bytes: both brokers build every [`Frame`] with
+//! [`Frame::event`], whether the event was just published, read back from a stream or
+//! received from a channel. Every frame is encoded once and shared by all clients as
+//! [`Bytes`], so the fan-out path never formats anything per client.
+
+use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::value::RawValue;
 
-use crate::event::EventId;
+use crate::event::{self, EventId};
+
+/// One encoded SSE frame, shared by every client that receives it.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    /// The event id, for events that can be replayed; `None` for heartbeats, notices and
+    /// fire-and-forget events that were never stored.
+    pub id: Option<EventId>,
+    /// The event type, used by per-client type filters; `None` for control frames.
+    pub event_type: Option<Box<str>>,
+    /// The bytes written to the socket.
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    /// Encodes an event: the JSON envelope clients parse, framed as one SSE message.
+    /// `event_type` must have passed [`event::validate_type`]; `ts` is its time in Unix ms.
+    pub fn event(event_type: &str, data: &RawValue, id: Option<EventId>, ts: u64) -> Arc<Self> {
+        let json = event::envelope_json(event_type, data, id, ts);
+        Arc::new(Self {
+            id,
+            event_type: Some(event_type.into()),
+            bytes: message(id, &json),
+        })
+    }
+
+    /// Wraps a control frame (heartbeat, notice) that every client gets, filters aside.
+    pub fn control(bytes: Bytes) -> Arc<Self> {
+        Arc::new(Self {
+            id: None,
+            event_type: None,
+            bytes,
+        })
+    }
+
+    /// A frame with arbitrary bytes, for tests of the machinery that moves frames.
+    #[cfg(test)]
+    pub fn with_bytes(id: Option<EventId>, event_type: &str, bytes: Bytes) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            event_type: Some(event_type.into()),
+            bytes,
+        })
+    }
+}
 
 /// The shared heartbeat comment, sent on one tick to every client.
 pub const HEARTBEAT: &[u8] = b": heartbeat\n\n";

@@ -1,7 +1,6 @@
 //! Shared handles every request handler and stream needs; cheap to clone.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -14,7 +13,7 @@ use crate::metrics::Metrics;
 
 /// Everything a handler needs; one pointer wide, so every connection can hold a copy.
 #[derive(Debug, Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     inner: Arc<SharedState>,
 }
 
@@ -28,7 +27,7 @@ impl std::ops::Deref for AppState {
 
 /// The parts of a gateway that handlers and streams use.
 #[derive(Debug)]
-pub struct SharedState {
+pub(crate) struct SharedState {
     /// Validated settings.
     pub config: Arc<Config>,
     /// This replica's fan-out hub.
@@ -47,7 +46,6 @@ pub struct SharedState {
     pub max_clients: usize,
     /// Response head and `retry:` line that open every raw stream.
     pub stream_preamble: Bytes,
-    draining: AtomicBool,
 }
 
 impl AppState {
@@ -57,33 +55,29 @@ impl AppState {
         hub: Hub,
         broker: Broker,
         metrics: Arc<Metrics>,
+        replica_id: Arc<str>,
         shutdown: CancellationToken,
     ) -> Self {
         let inner = SharedState {
-            replica_id: config.resolved_replica_id().into(),
+            replica_id,
             max_clients: config.resolved_max_clients(),
-            stream_preamble: crate::stream::stream_preamble(config.retry_ms),
+            stream_preamble: crate::stream::raw_preamble(config.retry_ms),
             config,
             hub,
             broker,
             metrics,
             started: Instant::now(),
             shutdown,
-            draining: AtomicBool::new(false),
         };
         Self {
             inner: Arc::new(inner),
         }
     }
 
-    /// Marks the replica as draining, so `/readyz` turns it away from load balancers.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether the replica is shutting down.
+    /// Whether the replica is shutting down (`/readyz` then turns it away from load
+    /// balancers).
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed) || self.shutdown.is_cancelled()
+        self.shutdown.is_cancelled()
     }
 
     /// Whether the replica should receive new traffic.

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::event::EventId;
-use crate::hub::Frame;
+use crate::sse::Frame;
 
 /// Most bytes of encoded frames a ring keeps, whatever its event capacity: 10,000 events
 /// of the largest allowed size would otherwise pin 640 MB.
@@ -119,7 +119,7 @@ mod tests {
     use bytes::Bytes;
 
     fn frame(ms: u64) -> Arc<Frame> {
-        Frame::event(Some(EventId::new(ms, 0)), "t", Bytes::new())
+        Frame::with_bytes(Some(EventId::new(ms, 0)), "t", Bytes::new())
     }
 
     #[test]
@@ -152,7 +152,7 @@ mod tests {
     fn the_byte_limit_drops_the_oldest_events() {
         let mut ring = HistoryRing::with_byte_limit(100, 10);
         for ms in 1..=5 {
-            ring.push(&Frame::event(
+            ring.push(&Frame::with_bytes(
                 Some(EventId::new(ms, 0)),
                 "t",
                 Bytes::from_static(b"1234"),

@@ -1,27 +1,24 @@
-//! In-process broker: a bounded history ring in this process, for the single-replica mode.
+//! In-process broker, for the single-replica mode: ids from this process's clock, and the
+//! delivery path's ring of recent events as the whole history.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::value::RawValue;
 
-use super::Replay;
-use super::history::HistoryRing;
-use crate::event::{self, EventId, IdGenerator};
-use crate::hub::{Frame, Hub};
-use crate::sse;
+use super::delivery::Delivery;
+use super::{IDEMPOTENCY_TTL_MS, Replay};
+use crate::event::{EventId, IdGenerator};
+use crate::sse::Frame;
 
-/// Keeps the last `capacity` events and broadcasts each one as it is published.
+/// Keeps the last `capacity` events and delivers each one as it is published.
 #[derive(Debug)]
-pub struct MemoryBroker {
+pub(crate) struct MemoryBroker {
     state: Mutex<State>,
-    hub: Hub,
+    delivery: Arc<Delivery>,
     /// Ids below this were handed out by an earlier process, whose history is gone.
     epoch: EventId,
 }
-
-/// How long an idempotency key is remembered, as in the Redis function library.
-const IDEMPOTENCY_TTL_MS: u64 = 600_000;
 
 /// Most idempotency keys remembered at once; the oldest are forgotten first, so a producer
 /// sending a fresh key with every event cannot grow memory without bound.
@@ -30,7 +27,6 @@ const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
 #[derive(Debug)]
 struct State {
     ids: IdGenerator,
-    history: HistoryRing,
     /// Idempotency key → the id its first publish got.
     keys: HashMap<Box<str>, EventId>,
     /// Keys in the order they were first used, for expiry.
@@ -52,24 +48,23 @@ impl State {
 }
 
 impl MemoryBroker {
-    /// A broker retaining `capacity` events that publishes into `hub`.
-    pub fn new(capacity: usize, hub: Hub) -> Self {
+    /// A broker whose history is the ring of `delivery`.
+    pub fn new(delivery: Arc<Delivery>) -> Self {
         let mut ids = IdGenerator::default();
         let epoch = ids.next_id();
         Self {
             state: Mutex::new(State {
                 ids,
-                history: HistoryRing::new(capacity),
                 keys: HashMap::new(),
                 key_order: VecDeque::new(),
             }),
-            hub,
+            delivery,
             epoch,
         }
     }
 
-    /// Stores and broadcasts one event. Holding the lock while broadcasting keeps the
-    /// ring's order equal to id order, which resume relies on. A retry with the same
+    /// Stores and delivers one event. Holding the lock while delivering keeps delivery
+    /// order equal to id order, which resume relies on. A retry with the same
     /// `idempotency_key` within ten minutes gets the first id back and stores nothing.
     pub fn publish(
         &self,
@@ -87,34 +82,33 @@ impl MemoryBroker {
             state.keys.insert(key.into(), id);
             state.key_order.push_back((id, key.into()));
         }
-        let json = event::envelope_json(event_type, data, Some(id), id.ms);
-        let frame = Frame::event(Some(id), event_type, sse::message(Some(id), &json));
-        state.history.push(&frame);
-        self.hub.broadcast(frame);
+        self.delivery
+            .deliver(Frame::event(event_type, data, Some(id), id.ms));
         id
     }
 
     /// Retained events after `after`, oldest first, at most `limit`.
     pub fn replay(&self, after: EventId, limit: usize) -> Replay {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let truncated = after < self.epoch || state.history.dropped_after(after);
-        let slice = state.history.after(after, limit);
-        Replay {
-            frames: slice.frames,
-            truncated,
-            more: slice.more,
-        }
+        self.delivery.with_recent(|history| {
+            let slice = history.after(after, limit);
+            Replay {
+                frames: slice.frames,
+                truncated: after < self.epoch || history.dropped_after(after),
+                more: slice.more,
+            }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Hub;
     use crate::metrics::Metrics;
-    use std::sync::Arc;
 
     fn broker(capacity: usize) -> MemoryBroker {
-        MemoryBroker::new(capacity, Hub::new(10, 1, Arc::new(Metrics::new())))
+        let hub = Hub::new(10, 1, Arc::new(Metrics::new()));
+        MemoryBroker::new(Arc::new(Delivery::new(capacity, hub)))
     }
 
     fn data() -> Box<RawValue> {

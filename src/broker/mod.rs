@@ -1,30 +1,52 @@
 //! The broker seam: where events are stored for resume and how they reach the hub.
 //!
-//! Two backends sit behind one facade: [`MemoryBroker`] keeps history in this process (the
-//! single-replica mode used when no Redis is configured), and the Redis broker shares one
-//! stream among all replicas. Both hand out ids of the form `<ms>-<seq>` and answer
-//! "what came after id X", so clients resume the same way whichever one runs.
+//! Two backends sit behind one facade: the in-process broker keeps history in this process
+//! (the single-replica mode used when no Redis is configured), and the Redis broker shares
+//! one stream among all replicas. Both hand out ids of the form `<ms>-<seq>`, answer "what
+//! came after id X", and hand every event to the hub through the same [`Delivery`] path,
+//! so clients resume and receive the same way whichever one runs.
+//!
+//! Data flows one way: producer → backend → `Delivery` (ring of recent events, then the
+//! hub) → clients. Nothing downstream writes back into a backend.
 
-pub mod history;
-pub mod keys;
+mod canary;
+mod delivery;
+pub(crate) mod history;
+pub(crate) mod keys;
 mod memory;
-pub mod redis;
-pub mod subscriber;
+pub(crate) mod redis;
+mod reporter;
+mod subscriber;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde::Serialize;
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-pub use memory::MemoryBroker;
-pub use redis::{ClusterStats, RedisBroker, RedisSettings};
+pub(crate) use delivery::Delivery;
+pub(crate) use redis::RedisSettings;
 
 use crate::event::EventId;
-use crate::hub::Frame;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::sse::Frame;
+use canary::Canary;
+use memory::MemoryBroker;
+use redis::RedisBroker;
+use reporter::StatsReporter;
+use subscriber::Subscriber;
 
 /// Largest number of events fetched from history in one step of a replay.
-pub const REPLAY_PAGE: usize = 500;
+pub(crate) const REPLAY_PAGE: usize = 500;
 
-/// Failures a caller can act on.
+/// How long an idempotency key is remembered (`IDEMPOTENCY_TTL_MS` in the function
+/// library, too).
+pub(crate) const IDEMPOTENCY_TTL_MS: u64 = 600_000;
+
+/// Why the broker could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The backend cannot be reached right now; try again later.
@@ -37,7 +59,7 @@ pub enum Error {
 
 /// One step of a history replay.
 #[derive(Debug, Default)]
-pub struct Replay {
+pub(crate) struct Replay {
     /// Retained events after the requested id, oldest first.
     pub frames: Vec<Arc<Frame>>,
     /// Some events after the requested id are no longer retained.
@@ -46,17 +68,120 @@ pub struct Replay {
     pub more: bool,
 }
 
-/// The backend in use; cheap to clone.
+/// Client and event counts of a whole fabric: every live replica of a namespace with
+/// Redis, this one replica without. Serialises as the shared part of
+/// `GET /api/events/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterStats {
+    /// Clients connected, summed over the live replicas.
+    pub active_clients: u64,
+    /// Events stored since the namespace (or this process) began.
+    #[serde(rename = "total_events_broadcast")]
+    pub total_events: u64,
+    /// The same, by type.
+    pub events_by_type: BTreeMap<String, u64>,
+    /// The live replicas.
+    pub replicas: Vec<ReplicaStats>,
+}
+
+/// One live replica in [`ClusterStats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReplicaStats {
+    /// The replica's id.
+    pub id: String,
+    /// Its connected clients.
+    pub active_clients: u64,
+    /// When it last reported, in Unix ms (Redis's clock with Redis).
+    pub last_seen_ms: u64,
+}
+
+/// The backend in use, with the delivery path both backends feed; cheap to clone.
 #[derive(Debug, Clone)]
-pub enum Broker {
+pub(crate) struct Broker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    backend: Backend,
+    delivery: Arc<Delivery>,
+    metrics: Arc<Metrics>,
+    replica_id: Arc<str>,
+}
+
+#[derive(Debug)]
+enum Backend {
     /// In-process history, single replica.
-    Memory(Arc<MemoryBroker>),
+    Memory(MemoryBroker),
     /// Shared stream in Redis, any number of replicas.
     Redis(Arc<RedisBroker>),
 }
 
 impl Broker {
-    /// Stores an event and fans it out; returns its id. `event_type` must be valid. A
+    /// An in-process broker keeping `history` events, delivering into `hub`.
+    pub fn memory(history: u64, hub: Hub, metrics: Arc<Metrics>, replica_id: Arc<str>) -> Self {
+        let delivery = Arc::new(Delivery::new(ring_capacity(history), hub));
+        let backend = Backend::Memory(MemoryBroker::new(Arc::clone(&delivery)));
+        Self::with_backend(backend, delivery, metrics, replica_id)
+    }
+
+    /// A Redis broker for `settings`, delivering into `hub`. Connects on first use, so a
+    /// gateway starts even while Redis is down.
+    pub fn redis(
+        settings: RedisSettings,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        replica_id: Arc<str>,
+    ) -> Result<Self, Error> {
+        let delivery = Arc::new(Delivery::new(ring_capacity(settings.history), hub));
+        let redis = RedisBroker::new(settings, Arc::clone(&delivery))?;
+        let backend = Backend::Redis(Arc::new(redis));
+        Ok(Self::with_backend(backend, delivery, metrics, replica_id))
+    }
+
+    fn with_backend(
+        backend: Backend,
+        delivery: Arc<Delivery>,
+        metrics: Arc<Metrics>,
+        replica_id: Arc<str>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                delivery,
+                metrics,
+                replica_id,
+            }),
+        }
+    }
+
+    /// Starts the backend's background tasks on `tracker` (with Redis: the subscriber, the
+    /// readiness canary and the stats reporter); they stop when `shutdown` fires.
+    pub fn start(&self, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        let Backend::Redis(redis) = &self.inner.backend else {
+            return;
+        };
+        let replica_id = Arc::clone(&self.inner.replica_id);
+        let subscriber = Subscriber {
+            broker: Arc::clone(redis),
+            metrics: Arc::clone(&self.inner.metrics),
+            replica_id: Arc::clone(&replica_id),
+        };
+        let canary = Canary {
+            broker: Arc::clone(redis),
+            replica_id: Arc::clone(&replica_id),
+        };
+        let reporter = StatsReporter {
+            broker: Arc::clone(redis),
+            hub: self.inner.delivery.hub().clone(),
+            replica_id,
+        };
+        tracker.spawn(subscriber.run(shutdown.clone()));
+        tracker.spawn(canary.run(shutdown.clone()));
+        tracker.spawn(reporter.run(shutdown.clone()));
+    }
+
+    /// Stores an event and delivers it; returns its id. `event_type` must be valid. A
     /// retry carrying the same `idempotency_key` within ten minutes returns the first id
     /// and stores nothing.
     pub async fn publish(
@@ -65,33 +190,61 @@ impl Broker {
         data: &RawValue,
         idempotency_key: Option<&str>,
     ) -> Result<EventId, Error> {
-        match self {
-            Self::Memory(broker) => Ok(broker.publish(event_type, data, idempotency_key)),
-            Self::Redis(broker) => broker.publish(event_type, data, idempotency_key).await,
+        match &self.inner.backend {
+            Backend::Memory(broker) => Ok(broker.publish(event_type, data, idempotency_key)),
+            Backend::Redis(broker) => broker.publish(event_type, data, idempotency_key).await,
         }
     }
 
-    /// Retained events after `after`, at most `limit` of them.
+    /// Retained events after `after`, at most `limit`.
     pub async fn replay(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
-        match self {
-            Self::Memory(broker) => Ok(broker.replay(after, limit)),
-            Self::Redis(broker) => broker.replay(after, limit).await,
+        match &self.inner.backend {
+            Backend::Memory(broker) => Ok(broker.replay(after, limit)),
+            Backend::Redis(broker) => broker.replay(after, limit).await,
+        }
+    }
+
+    /// Client and event counts of the whole fabric.
+    pub async fn cluster_stats(&self) -> Result<ClusterStats, Error> {
+        match &self.inner.backend {
+            Backend::Memory(_) => Ok(self.local_stats()),
+            Backend::Redis(broker) => broker.cluster_stats().await,
+        }
+    }
+
+    /// This replica's own client and event counts, in the shape of the fabric's.
+    pub fn local_stats(&self) -> ClusterStats {
+        let clients = self.inner.delivery.hub().client_count() as u64;
+        ClusterStats {
+            active_clients: clients,
+            total_events: self.inner.metrics.events_received.get(),
+            events_by_type: self.inner.metrics.events_by_type(),
+            replicas: vec![ReplicaStats {
+                id: self.inner.replica_id.to_string(),
+                active_clients: clients,
+                last_seen_ms: crate::event::unix_ms(),
+            }],
         }
     }
 
     /// Whether the backend can take publishes and deliver events right now.
     pub fn is_ready(&self) -> bool {
-        match self {
-            Self::Memory(_) => true,
-            Self::Redis(broker) => broker.status.is_live(),
+        match &self.inner.backend {
+            Backend::Memory(_) => true,
+            Backend::Redis(broker) => broker.status.is_live(),
         }
     }
 
     /// Short name for logs and stats.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Memory(_) => "memory",
-            Self::Redis(_) => "redis",
+        match &self.inner.backend {
+            Backend::Memory(_) => "memory",
+            Backend::Redis(_) => "redis",
         }
     }
+}
+
+/// Events a ring of recent events holds for a history of `history` events.
+fn ring_capacity(history: u64) -> usize {
+    usize::try_from(history).unwrap_or(usize::MAX)
 }

@@ -5,26 +5,25 @@
 //! fast with [`Error::Unavailable`] (never a success for an event that was not stored);
 //! when Redis comes back without the library, it is loaded again on first use.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use serde_json::value::RawValue;
 
-use super::history::HistoryRing;
+use super::delivery::Delivery;
 use super::keys::Keys;
-use super::{Error, Replay};
+use super::{ClusterStats, Error, Replay, ReplicaStats};
 use crate::event::{self, EventId, unix_ms};
-use crate::hub::Frame;
-use crate::sse;
+use crate::sse::Frame;
 
 /// The Function library, loaded into Redis by every replica.
-pub const FUNCTION_LIBRARY: &str = include_str!("functions.lua");
+pub(crate) const FUNCTION_LIBRARY: &str = include_str!("functions.lua");
 
-/// Version the library above declares; an older loaded library is replaced.
-const LIBRARY_VERSION: i64 = 1;
+/// Version the library above declares (`VERSION` in it); an older loaded library is
+/// replaced.
+pub(crate) const LIBRARY_VERSION: i64 = 1;
 
 /// How long a command may wait for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,7 +39,7 @@ pub const CANARY_STALE: Duration = Duration::from_secs(3);
 
 /// Connection settings of a Redis broker.
 #[derive(Debug, Clone)]
-pub struct RedisSettings {
+pub(crate) struct RedisSettings {
     /// `redis://` or `rediss://` URL.
     pub url: String,
     /// Key namespace.
@@ -53,7 +52,7 @@ pub struct RedisSettings {
 
 /// Shared state of the subscription, read by `/readyz`.
 #[derive(Debug, Default)]
-pub struct SubscriptionStatus {
+pub(crate) struct SubscriptionStatus {
     subscribed: AtomicBool,
     last_canary_ms: AtomicU64,
 }
@@ -81,39 +80,28 @@ impl SubscriptionStatus {
     }
 }
 
-/// Figures for `GET /api/events/stats`, summed over the live replicas of a namespace.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClusterStats {
-    /// Events stored since the namespace began.
-    pub total_events: u64,
-    /// The same, by type.
-    pub events_by_type: BTreeMap<String, u64>,
-    /// Live replicas: id, clients, last heartbeat (Redis clock, ms).
-    pub replicas: Vec<(String, u64, u64)>,
-}
-
 /// `eventfabric_stats` reply: Redis time, counter fields, replica fields.
 type StatsReply = (i64, Vec<(String, u64)>, Vec<(String, String)>);
 
 /// Handle to a namespace in Redis.
 #[derive(Debug)]
-pub struct RedisBroker {
+pub(crate) struct RedisBroker {
     client: redis::Client,
     pool: deadpool_redis::Pool,
     keys: Keys,
     settings: RedisSettings,
     /// Health of this replica's subscription.
     pub status: Arc<SubscriptionStatus>,
-    /// Events this replica's subscription delivered, gap-free: resumes that fall inside it
-    /// (the usual case, even for a storm of clients moving from a dead replica) are
-    /// answered from memory instead of Redis.
-    recent: Mutex<HistoryRing>,
+    /// Where the subscription delivers. Its ring holds what was delivered, gap-free:
+    /// resumes that fall inside it (the usual case, even for a storm of clients moving
+    /// from a dead replica) are answered from memory instead of Redis.
+    delivery: Arc<Delivery>,
 }
 
 impl RedisBroker {
-    /// Prepares a broker; no connection is made until it is used, so a gateway starts
-    /// even while Redis is down.
-    pub fn new(settings: RedisSettings) -> Result<Self, Error> {
+    /// Prepares a broker that delivers into `delivery`; no connection is made until it is
+    /// used, so a gateway starts even while Redis is down.
+    pub fn new(settings: RedisSettings, delivery: Arc<Delivery>) -> Result<Self, Error> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| Error::Rejected(format!("invalid Redis URL: {e}")))?;
         let mut config = deadpool_redis::Config::from_url(settings.url.clone());
@@ -131,9 +119,7 @@ impl RedisBroker {
             client,
             pool,
             keys: Keys::new(&settings.namespace),
-            recent: Mutex::new(HistoryRing::new(
-                usize::try_from(settings.history).unwrap_or(usize::MAX),
-            )),
+            delivery,
             settings,
             status: Arc::new(SubscriptionStatus::default()),
         })
@@ -204,35 +190,33 @@ impl RedisBroker {
             .map_err(|_| Error::Rejected(format!("Redis returned an unexpected id {id:?}")))
     }
 
-    /// Records an event the subscription delivered, in id order.
-    pub fn remember(&self, frame: &Arc<Frame>) {
-        self.recent().push(frame);
+    /// Largest event this replica accepts.
+    pub fn max_event_bytes(&self) -> u64 {
+        self.settings.max_event_bytes
     }
 
-    /// Forgets the delivered events: there is a gap after them that cannot be filled.
-    pub fn forget_recent(&self) {
-        self.recent().clear();
-    }
-
-    fn recent(&self) -> std::sync::MutexGuard<'_, HistoryRing> {
-        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    /// Where events received from Redis go.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
     }
 
     /// Stored events after `after`, at most `limit`, encoded as frames: from this
     /// replica's memory when it holds everything after `after`, else from the stream.
     pub async fn replay(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
-        {
-            let recent = self.recent();
-            if recent.covers(after) {
+        let recent = self.delivery.with_recent(|recent| {
+            recent.covers(after).then(|| {
                 let slice = recent.after(after, limit);
-                return Ok(Replay {
+                Replay {
                     frames: slice.frames,
                     truncated: false,
                     more: slice.more,
-                });
-            }
+                }
+            })
+        });
+        match recent {
+            Some(replay) => Ok(replay),
+            None => self.replay_from_stream(after, limit).await,
         }
-        self.replay_from_stream(after, limit).await
     }
 
     /// Stored events after `after`, read from the stream in Redis.
@@ -315,10 +299,13 @@ impl RedisBroker {
         }
         for (id, value) in replicas {
             let (clients, seen) = value.split_once(':').unwrap_or((&value, "0"));
-            stats
-                .replicas
-                .push((id, clients.parse().unwrap_or(0), seen.parse().unwrap_or(0)));
+            stats.replicas.push(ReplicaStats {
+                id,
+                active_clients: clients.parse().unwrap_or(0),
+                last_seen_ms: seen.parse().unwrap_or(0),
+            });
         }
+        stats.active_clients = stats.replicas.iter().map(|r| r.active_clients).sum();
         Ok(stats)
     }
 
@@ -389,12 +376,7 @@ fn stored_frame(id: &str, fields: &[String]) -> Option<Arc<Frame>> {
     let event_type = event_type?;
     let data = RawValue::from_string(data.unwrap_or("null").to_owned()).ok()?;
     event::validate_type(event_type).ok()?;
-    let json = event::envelope_json(event_type, &data, Some(id), id.ms);
-    Some(Frame::event(
-        Some(id),
-        event_type,
-        sse::message(Some(id), &json),
-    ))
+    Some(Frame::event(event_type, &data, Some(id), id.ms))
 }
 
 /// Server replies to a bad request are rejections; everything else means Redis is not

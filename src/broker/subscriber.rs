@@ -1,10 +1,9 @@
-//! The replica's one pub/sub connection, owned by one task, feeding the hub; plus the
-//! readiness canary and the stats heartbeat that run beside it.
+//! The replica's one pub/sub connection, owned by one task, feeding the delivery path.
 //!
 //! Pub/sub is fire-and-forget: anything published while the connection is down is gone
 //! from the channel. So after every (re)subscription the task reads the stream from the
-//! newest id it delivered before going live again, and drops anything not newer than
-//! that id, so clients see neither a gap nor a duplicate at the seam.
+//! newest id it delivered before going live again; the delivery path refuses anything not
+//! newer than that id, so clients see neither a gap nor a duplicate at the seam.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -16,12 +15,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use super::redis::{CANARY_STALE, RedisBroker};
+use super::redis::RedisBroker;
 use super::{Error, REPLAY_PAGE};
 use crate::event::{self, EventId, unix_ms};
-use crate::hub::{Frame, Hub};
 use crate::metrics::Metrics;
-use crate::sse;
+use crate::sse::{self, Frame};
 
 /// First reconnect delay; doubled after each failure up to [`MAX_BACKOFF`], with jitter.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -29,36 +27,25 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long connecting and subscribing may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How often the canary is published.
-const CANARY_EVERY: Duration = Duration::from_secs(1);
 /// With no canary for this long, the subscription is presumed wedged and rebuilt.
 const WEDGED_AFTER: Duration = Duration::from_secs(5);
-/// How often the client count is checked for a change worth reporting.
-const REPORT_CHECK: Duration = Duration::from_millis(250);
-/// Longest gap between two heartbeats even when nothing changed.
-const REPORT_EVERY: Duration = Duration::from_secs(2);
 
-/// What the background tasks of a Redis-backed replica need.
-#[derive(Debug, Clone)]
-pub struct Background {
-    /// The broker.
+/// The task that owns the replica's subscription.
+#[derive(Debug)]
+pub(crate) struct Subscriber {
+    /// The broker whose channel it listens to and whose delivery path it feeds.
     pub broker: Arc<RedisBroker>,
-    /// Where received events go.
-    pub hub: Hub,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// This replica's id.
+    /// This replica's id (names its canary channel).
     pub replica_id: Arc<str>,
-    /// Largest event accepted from the channel.
-    pub max_event_bytes: u64,
 }
 
-impl Background {
+impl Subscriber {
     /// Runs the subscriber until `shutdown` fires.
-    pub async fn run_subscriber(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) {
         let canary_channel = self.broker.keys().canary(&self.replica_id);
         let mut backoff = MIN_BACKOFF;
-        let mut last_id: Option<EventId> = None;
         let mut bad = BadMessageLog::default();
         while !shutdown.is_cancelled() {
             let session = tokio::select! {
@@ -79,12 +66,12 @@ impl Background {
                 }
             };
             backoff = MIN_BACKOFF;
-            if let Err(error) = self.catch_up(&mut last_id).await {
+            if let Err(error) = self.catch_up().await {
                 tracing::warn!(%error, "cannot fill the gap from the stream; reconnecting");
                 continue;
             }
             self.broker.status.set_subscribed(true);
-            tracing::info!(channel = %self.broker.keys().events, resumed_after = ?last_id.map(|id| id.to_string()), "subscribed to Redis");
+            tracing::info!(channel = %self.broker.keys().events, resumed_after = ?self.broker.delivery().last_delivered().map(|id| id.to_string()), "subscribed to Redis");
             let mut watchdog = tokio::time::interval(Duration::from_secs(1));
             let subscribed_at = tokio::time::Instant::now();
             loop {
@@ -94,7 +81,7 @@ impl Background {
                         Some(message) if message.get_channel_name() == canary_channel => {
                             self.broker.status.canary_seen();
                         }
-                        Some(message) => self.deliver(message.get_payload_bytes(), &mut last_id, &mut bad),
+                        Some(message) => self.deliver(message.get_payload_bytes(), &mut bad),
                         None => {
                             tracing::warn!("Redis subscription closed; reconnecting");
                             break;
@@ -137,11 +124,13 @@ impl Background {
             .map_err(|_| Error::Unavailable("timed out connecting to Redis".to_owned()))?
     }
 
-    /// Delivers what was stored after `last_id` while the subscription was down. On the
-    /// very first subscription there is nothing to catch up on: start from the newest.
-    async fn catch_up(&self, last_id: &mut Option<EventId>) -> Result<(), Error> {
-        let Some(mut after) = *last_id else {
-            *last_id = self.broker.newest_id().await?;
+    /// Delivers what was stored after the last delivered id while the subscription was
+    /// down. On the very first subscription there is nothing to catch up on: start from
+    /// the newest stored event.
+    async fn catch_up(&self) -> Result<(), Error> {
+        let delivery = self.broker.delivery();
+        let Some(mut after) = delivery.last_delivered() else {
+            delivery.start_after(self.broker.newest_id().await?);
             return Ok(());
         };
         let mut filled = 0usize;
@@ -149,22 +138,18 @@ impl Background {
         loop {
             let page = self.broker.replay_from_stream(after, REPLAY_PAGE).await?;
             if first_page && page.truncated {
-                self.broker.forget_recent();
+                delivery.forget_recent();
                 // The outage outlasted the stream's retention: every client here missed
                 // events that are gone, so tell them all to reload.
                 tracing::warn!(after = %after, "events missed during the outage are no longer kept");
-                self.hub
-                    .broadcast(Frame::control(sse::history_truncated(after)));
+                delivery.notice(sse::history_truncated(after));
             }
             first_page = false;
             for frame in page.frames {
                 if let Some(id) = frame.id {
                     after = id;
-                    *last_id = Some(id);
                 }
-                self.broker.remember(&frame);
-                self.hub.broadcast(frame);
-                filled += 1;
+                filled += usize::from(delivery.deliver(frame));
             }
             if !page.more {
                 break;
@@ -180,74 +165,14 @@ impl Background {
     }
 
     /// Validates one channel message and hands it to the hub.
-    fn deliver(&self, payload: &[u8], last_id: &mut Option<EventId>, bad: &mut BadMessageLog) {
-        match parse_message(payload, self.max_event_bytes) {
+    fn deliver(&self, payload: &[u8], bad: &mut BadMessageLog) {
+        match parse_message(payload, self.broker.max_event_bytes()) {
             Ok(frame) => {
-                if let Some(id) = frame.id {
-                    if last_id.is_some_and(|last| id <= last) {
-                        return;
-                    }
-                    *last_id = Some(id);
-                }
-                self.broker.remember(&frame);
-                self.hub.broadcast(frame);
+                self.broker.delivery().deliver(frame);
             }
             Err(reason) => {
                 self.metrics.bad_messages.inc();
                 bad.record(reason, payload.len());
-            }
-        }
-    }
-
-    /// Publishes the canary every second; its return through the subscription proves
-    /// the whole pipe works.
-    pub async fn run_canary(self, shutdown: CancellationToken) {
-        let channel = self.broker.keys().canary(&self.replica_id);
-        let mut tick = tokio::time::interval(CANARY_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    let sent = tokio::time::timeout(CANARY_STALE, self.broker.send_canary(&channel)).await;
-                    if let Ok(Err(error)) = sent {
-                        tracing::debug!(%error, "canary not sent");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Reports this replica's client count whenever it changes (at most every 250 ms)
-    /// and at least every two seconds; removes the replica from the stats on shutdown.
-    pub async fn run_reporter(self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(REPORT_CHECK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reported: Option<(usize, tokio::time::Instant)> = None;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    let clients = self.hub.client_count();
-                    let due = match reported {
-                        Some((count, at)) => count != clients || at.elapsed() >= REPORT_EVERY,
-                        None => true,
-                    };
-                    if due {
-                        match self.broker.heartbeat(&self.replica_id, clients).await {
-                            Ok(()) => reported = Some((clients, tokio::time::Instant::now())),
-                            Err(error) => tracing::debug!(%error, "stats heartbeat failed"),
-                        }
-                    }
-                }
-            }
-        }
-        match tokio::time::timeout(Duration::from_secs(2), self.broker.leave(&self.replica_id))
-            .await
-        {
-            Ok(Ok(())) => tracing::info!("removed this replica from the cluster stats"),
-            _ => {
-                tracing::warn!("could not remove this replica from the cluster stats; it ages out")
             }
         }
     }
@@ -287,12 +212,7 @@ fn parse_message(payload: &[u8], max_bytes: u64) -> Result<Arc<Frame>, &'static 
     };
     let ts = message.ts.or(id.map(|id| id.ms)).unwrap_or_else(unix_ms);
     let data = message.data.unwrap_or(RawValue::NULL);
-    let json = event::envelope_json(&message.event_type, data, id, ts);
-    Ok(Frame::event(
-        id,
-        &message.event_type,
-        sse::message(id, &json),
-    ))
+    Ok(Frame::event(&message.event_type, data, id, ts))
 }
 
 /// Logs bad channel messages without letting a flood of them flood the log.

@@ -9,13 +9,13 @@ use serde_json::json;
 use crate::state::AppState;
 
 /// `GET /healthz`: the process is alive and serving HTTP.
-pub async fn get_healthz() -> impl IntoResponse {
+pub(crate) async fn get_healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
 /// `GET /readyz`: 200 while this replica should get traffic; 503 while draining or while
 /// its broker is unavailable.
-pub async fn get_readyz(State(state): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn get_readyz(State(state): State<AppState>) -> impl IntoResponse {
     let draining = state.is_draining();
     let broker_ready = state.broker.is_ready();
     let ready = state.is_ready();
@@ -34,7 +34,7 @@ pub async fn get_readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// `GET /metrics`: every counter in the OpenMetrics text format Prometheus scrapes.
-pub async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn get_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,

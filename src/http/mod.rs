@@ -2,7 +2,6 @@
 //! arrive on keep-alive connections. `router` builds it without binding, so tests can
 //! drive it with `oneshot`.
 
-mod events;
 mod health;
 mod publish;
 mod stats;
@@ -13,16 +12,15 @@ use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-pub use events::ConnectionKill;
-
 use crate::error::ApiError;
+use crate::server::STREAM_PATH;
 use crate::state::AppState;
 
 /// The application's routes and layers.
-pub fn router(state: AppState) -> Router {
+pub(crate) fn router(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_event_bytes).unwrap_or(usize::MAX);
     Router::new()
-        .route("/api/events/stream", get(events::stream_events))
+        .route(STREAM_PATH, get(crate::stream::stream_events))
         .route("/api/events", post(publish::publish_event))
         .route("/api/events/stats", get(stats::get_stats))
         .route("/healthz", get(health::get_healthz))

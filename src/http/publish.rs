@@ -13,7 +13,7 @@ use crate::state::AppState;
 
 /// Publishes `{"type": "...", "data": <any JSON>}`; answers `202 {"id": "..."}`. An
 /// `Idempotency-Key` header makes retries safe.
-pub async fn publish_event(
+pub(crate) async fn publish_event(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

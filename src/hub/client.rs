@@ -19,8 +19,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::Frame;
 use crate::event::{EventId, TypeFilter};
+use crate::sse::Frame;
 
 /// Most frames handed to the socket in one write.
 pub const MAX_BATCH: usize = 32;

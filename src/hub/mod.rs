@@ -28,46 +28,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use client::{Client, End, MAX_BATCH};
 
-use crate::event::EventId;
 use crate::metrics::Metrics;
-use crate::sse;
+use crate::sse::{self, Frame};
 use shard::{Message, ShardSignals};
 
 /// Frames (and attach messages) a fan-out thread may have waiting before it counts as
 /// overwhelmed.
 const INBOX_CAPACITY: usize = 16_384;
-
-/// One encoded SSE frame, shared by every client that receives it.
-#[derive(Debug)]
-pub struct Frame {
-    /// The event id, for events that can be replayed; `None` for heartbeats and for
-    /// fire-and-forget events that were never stored.
-    pub id: Option<EventId>,
-    /// The event type, used by per-client type filters; `None` for control frames.
-    pub event_type: Option<Box<str>>,
-    /// The bytes written to the socket.
-    pub bytes: Bytes,
-}
-
-impl Frame {
-    /// Wraps an encoded event.
-    pub fn event(id: Option<EventId>, event_type: &str, bytes: Bytes) -> Arc<Self> {
-        Arc::new(Self {
-            id,
-            event_type: Some(event_type.into()),
-            bytes,
-        })
-    }
-
-    /// Wraps a control frame (heartbeat, notice) that every client gets, filters aside.
-    pub fn control(bytes: Bytes) -> Arc<Self> {
-        Arc::new(Self {
-            id: None,
-            event_type: None,
-            bytes,
-        })
-    }
-}
 
 /// Handle to the replica's fan-out hub; cheap to clone.
 #[derive(Debug, Clone)]
@@ -122,12 +89,13 @@ impl Drop for Attachment {
 }
 
 impl Hub {
-    /// Starts `threads` fan-out threads (at least one) whose clients may each have
-    /// `client_queue` frames waiting.
+    /// Starts `threads` fan-out threads whose clients may each have `client_queue` frames
+    /// waiting. A hub without threads turns every client away (a publisher that only
+    /// writes to Redis needs no clients).
     pub fn new(client_queue: usize, threads: usize, metrics: Arc<Metrics>) -> Self {
         let mut senders = Vec::new();
         let mut signals = Vec::new();
-        for index in 0..threads.max(1) {
+        for index in 0..threads {
             let (sender, inbox) = std::sync::mpsc::sync_channel(INBOX_CAPACITY);
             let shard_signals = Arc::new(ShardSignals::default());
             let thread_signals = Arc::clone(&shard_signals);
@@ -219,14 +187,14 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::TypeFilter;
+    use crate::event::{EventId, TypeFilter};
 
     fn hub(queue: usize) -> Hub {
         Hub::new(queue, 2, Arc::new(Metrics::new()))
     }
 
     fn frame(n: u64) -> Arc<Frame> {
-        Frame::event(
+        Frame::with_bytes(
             Some(EventId::new(n, 0)),
             "t",
             Bytes::from(format!("data: {n}\n\n")),
@@ -321,7 +289,7 @@ mod tests {
         let _attached = hub.attach(Arc::clone(&client));
         for n in 1..=4 {
             let kind = if n % 2 == 0 { "wanted" } else { "other" };
-            hub.broadcast(Frame::event(
+            hub.broadcast(Frame::with_bytes(
                 Some(EventId::new(n, 0)),
                 kind,
                 Bytes::from(format!("{n}")),

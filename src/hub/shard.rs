@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use super::Frame;
 use super::client::{Client, End, MAX_BATCH};
 use crate::metrics::Metrics;
+use crate::sse::Frame;
 
 /// Frames closer together than this mean the replica is busy: worth batching.
 const BUSY_GAP: Duration = Duration::from_millis(5);

@@ -7,7 +7,7 @@ const MAX_FILTER_TYPES: usize = 64;
 
 /// The options of one `GET /api/events/stream`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct StreamParams {
+pub(crate) struct StreamParams {
     /// The event types asked for.
     pub types: TypeFilter,
     /// Resume after this id, when set and valid.
@@ -49,11 +49,6 @@ impl StreamParams {
         }
         params
     }
-
-    /// Whether an event of this type passes the filter.
-    pub fn wants(&self, event_type: &str) -> bool {
-        self.types.wants(event_type)
-    }
 }
 
 #[cfg(test)]
@@ -64,7 +59,9 @@ mod tests {
     fn types_and_query_id_are_read() {
         let p = StreamParams::parse(Some("types=a,b%2Cc&lastEventId=5-1"), None);
         assert_eq!(p.last_event_id, Some(EventId::new(5, 1)));
-        assert!(p.wants("a") && p.wants("b") && p.wants("c") && !p.wants("d"));
+        assert!(
+            p.types.wants("a") && p.types.wants("b") && p.types.wants("c") && !p.types.wants("d")
+        );
     }
 
     #[test]
@@ -77,6 +74,6 @@ mod tests {
     fn invalid_ids_and_empty_filters_are_ignored() {
         let p = StreamParams::parse(Some("types=,&lastEventId=nope"), Some(b"\xff\xfe"));
         assert_eq!(p, StreamParams::default());
-        assert!(p.wants("anything"));
+        assert!(p.types.wants("anything"));
     }
 }

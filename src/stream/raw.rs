@@ -15,37 +15,22 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{End, Session, StreamParams};
-use crate::hub::MAX_BATCH;
-use crate::sse;
+use super::contract::{self, Refusal};
+use super::{Session, StreamParams};
+use crate::hub::{End, MAX_BATCH};
 use crate::state::AppState;
 
 /// A batch vector that grew past this many slots is released after the write, so a burst
 /// does not leave every client holding a large allocation.
 const KEEP_BATCH_CAPACITY: usize = 4;
 
-/// How long the final `retry:` hint may take to write at shutdown.
+/// How long the final `retry:` hint or a refusal may take to write.
 const FAREWELL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// The bytes every raw stream starts with: status line, headers and the `retry:` hint.
-pub fn stream_preamble(retry_ms: u64) -> Bytes {
-    let mut head = String::from(
-        "HTTP/1.1 200 OK\r\n\
-         Content-Type: text/event-stream\r\n\
-         Cache-Control: no-cache, no-transform\r\n\
-         X-Accel-Buffering: no\r\n\
-         Access-Control-Allow-Origin: *\r\n\
-         Connection: close\r\n\r\n",
-    );
-    head.push_str(&format!("retry: {retry_ms}\n\n"));
-    Bytes::from(head)
-}
-
 /// Serves one stream on `stream`, whose request head has already been consumed.
-pub async fn serve_raw(mut stream: TcpStream, params: StreamParams, state: AppState) {
-    if state.shutdown.is_cancelled() || state.hub.client_count() >= state.max_clients {
-        let _ = stream.write_all(UNAVAILABLE).await;
-        let _ = stream.shutdown().await;
+pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: AppState) {
+    if let Err(refusal) = contract::admit(&state) {
+        refuse(stream, refusal).await;
         return;
     }
     let socket = Arc::new(stream);
@@ -81,38 +66,25 @@ pub async fn serve_raw(mut stream: TcpStream, params: StreamParams, state: AppSt
             Err(end) => break end,
         };
     };
-    let farewell = match end {
-        End::Slow => {
-            tracing::debug!("disconnected a client that fell behind");
-            None
-        }
-        End::Shutdown => Some(sse::retry(spread_retry(state.config.retry_ms))),
-        End::BrokerUnavailable => Some(sse::retry(state.config.retry_ms.min(1000))),
-        End::ClientGone => None,
-    };
+    if end == End::Slow {
+        tracing::debug!("disconnected a client that fell behind");
+    }
     drop(session);
-    if let Some(hint) = farewell {
+    if let Some(hint) = contract::farewell(end, state.config.retry_ms) {
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, write_batch(&socket, &mut [hint])).await;
     }
     // The fan-out thread may hold the socket a moment longer; end the connection now.
     let _ = socket2::SockRef::from(&*socket).shutdown(std::net::Shutdown::Both);
 }
 
-/// A reconnect delay drawn from 10–100 % of the configured one, so the clients of a
-/// draining replica do not all reconnect to the survivors in the same instant.
-pub fn spread_retry(retry_ms: u64) -> u64 {
-    use rand::Rng;
-    let low = retry_ms / 10;
-    rand::rng().random_range(low..=retry_ms.max(low))
+/// Answers a request that may not open a stream, then closes the connection.
+async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+    let answer = async {
+        stream.write_all(&refusal.to_raw()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, answer).await;
 }
-
-/// Response for a stream that cannot be served now (full or shutting down).
-const UNAVAILABLE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-Content-Type: application/json\r\n\
-Retry-After: 1\r\n\
-Connection: close\r\n\
-Content-Length: 77\r\n\r\n\
-{\"error\":\"unavailable\",\"message\":\"this replica cannot take more streams now\"}";
 
 /// Resolves when the client closes its side. Bytes it sends are read and ignored.
 async fn closed_by_peer(stream: &TcpStream) {
@@ -163,38 +135,6 @@ async fn write_batch(stream: &TcpStream, batch: &mut [Bytes]) -> io::Result<()> 
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn preamble_declares_an_event_stream_and_the_retry_hint() {
-        let head = stream_preamble(5000);
-        let text = std::str::from_utf8(&head).unwrap();
-        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
-        assert!(text.contains("Content-Type: text/event-stream\r\n"));
-        assert!(text.contains("Cache-Control: no-cache, no-transform\r\n"));
-        assert!(text.contains("X-Accel-Buffering: no\r\n"));
-        assert!(text.ends_with("\r\n\r\nretry: 5000\n\n"));
-    }
-
-    #[test]
-    fn unavailable_response_has_a_correct_length() {
-        let text = std::str::from_utf8(UNAVAILABLE).unwrap();
-        let (_, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
-        serde_json::from_str::<serde_json::Value>(body).unwrap();
-    }
-
-    #[test]
-    fn spread_retry_stays_within_ten_to_hundred_percent() {
-        for _ in 0..1000 {
-            let r = spread_retry(5000);
-            assert!((500..=5000).contains(&r));
-        }
-        assert_eq!(spread_retry(0), 0);
-    }
-}
 #[cfg(test)]
 mod size_tests {
     use crate::stream::Session;

@@ -1,0 +1,208 @@
+//! The response contract of `GET /api/events/stream`, shared by both writers: who may open
+//! a stream now, the headers a stream is answered with, the refusal when it may not open,
+//! and the last bytes a stream gets when it ends.
+//!
+//! The raw-socket writer (`raw.rs`) renders these as bytes, the hyper writer
+//! (`via_hyper.rs`) as an axum response; neither carries a header, status or hint of its
+//! own, so a policy change here reaches both, and `tests.rs` runs the same checks on a
+//! fresh connection (raw) and on a reused keep-alive one (hyper).
+
+use std::fmt::Write as _;
+
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use crate::error::error_body;
+use crate::hub::End;
+use crate::sse;
+use crate::state::AppState;
+
+/// Headers of every stream response, whichever writer serves it.
+pub(crate) const HEADERS: [(&str, &str); 4] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache, no-transform"),
+    ("x-accel-buffering", "no"),
+    ("access-control-allow-origin", "*"),
+];
+
+/// Longest `retry:` hint sent when the broker could not be read, so clients come back
+/// soon rather than after the full reconnect delay.
+const BROKER_RETRY_CAP_MS: u64 = 1000;
+
+/// Why a stream request is turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The replica is draining or already serves its most clients: try another one.
+    Unavailable,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn body(self) -> String {
+        match self {
+            Self::Unavailable => {
+                error_body("unavailable", "this replica cannot take more streams now")
+            }
+        }
+    }
+
+    /// Seconds the client should wait before trying again.
+    fn retry_after(self) -> Option<u32> {
+        match self {
+            Self::Unavailable => Some(1),
+        }
+    }
+
+    /// The refusal as a complete HTTP/1.1 response that closes the connection.
+    pub fn to_raw(self) -> Bytes {
+        let body = self.body();
+        let status = self.status();
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        if let Some(seconds) = self.retry_after() {
+            let _ = write!(head, "retry-after: {seconds}\r\n");
+        }
+        let _ = write!(
+            head,
+            "connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        Bytes::from(head)
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status(),
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            self.body(),
+        )
+            .into_response();
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// Decides whether a new stream may open now.
+pub(crate) fn admit(state: &AppState) -> Result<(), Refusal> {
+    if state.is_draining() || state.hub.client_count() >= state.max_clients {
+        return Err(Refusal::Unavailable);
+    }
+    Ok(())
+}
+
+/// The first bytes of every stream body: the reconnect delay.
+pub(crate) fn preamble(retry_ms: u64) -> Bytes {
+    sse::retry(retry_ms)
+}
+
+/// The response head and first body bytes of a stream written on the raw socket: the
+/// body ends when the connection closes.
+pub(crate) fn raw_preamble(retry_ms: u64) -> Bytes {
+    let mut head = String::from("HTTP/1.1 200 OK\r\n");
+    for (name, value) in HEADERS {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    head.push_str("connection: close\r\n\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&preamble(retry_ms));
+    Bytes::from(bytes)
+}
+
+/// The headers of [`HEADERS`] for a hyper response.
+pub(crate) fn header_map() -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    HEADERS.into_iter().map(|(name, value)| {
+        (
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        )
+    })
+}
+
+/// The last bytes a stream gets when it ends for `end`: a `retry:` hint when the client
+/// should come back (spread out at shutdown, short when the broker failed), nothing when
+/// it left or was dropped for falling behind.
+pub(crate) fn farewell(end: End, retry_ms: u64) -> Option<Bytes> {
+    match end {
+        End::Shutdown => Some(sse::retry(spread_retry(retry_ms))),
+        End::BrokerUnavailable => Some(sse::retry(retry_ms.min(BROKER_RETRY_CAP_MS))),
+        End::Slow | End::ClientGone => None,
+    }
+}
+
+/// A reconnect delay drawn from 10–100 % of the configured one, so the clients of a
+/// draining replica do not all reconnect to the survivors in the same instant.
+pub(crate) fn spread_retry(retry_ms: u64) -> u64 {
+    use rand::Rng;
+    let low = retry_ms / 10;
+    rand::rng().random_range(low..=retry_ms.max(low))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_preamble_declares_an_event_stream_and_the_retry_hint() {
+        let head = raw_preamble(5000);
+        let text = std::str::from_utf8(&head).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
+        for (name, value) in HEADERS {
+            assert!(text.contains(&format!("{name}: {value}\r\n")), "{name}");
+        }
+        assert!(text.ends_with("\r\n\r\nretry: 5000\n\n"));
+    }
+
+    #[test]
+    fn a_raw_refusal_has_a_correct_length_and_a_json_body() {
+        let raw = Refusal::Unavailable.to_raw();
+        let text = std::str::from_utf8(&raw).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(text.contains("retry-after: 1\r\n"));
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(text.contains(&format!("content-length: {}\r\n", body.len())));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["error"], "unavailable");
+    }
+
+    #[test]
+    fn farewells_follow_the_reason() {
+        assert_eq!(
+            farewell(End::BrokerUnavailable, 5000).unwrap(),
+            "retry: 1000\n\n"
+        );
+        assert_eq!(
+            farewell(End::BrokerUnavailable, 300).unwrap(),
+            "retry: 300\n\n"
+        );
+        assert!(farewell(End::Shutdown, 5000).is_some());
+        assert!(farewell(End::Slow, 5000).is_none());
+        assert!(farewell(End::ClientGone, 5000).is_none());
+    }
+
+    #[test]
+    fn spread_retry_stays_within_ten_to_hundred_percent() {
+        for _ in 0..1000 {
+            let r = spread_retry(5000);
+            assert!((500..=5000).contains(&r));
+        }
+        assert_eq!(spread_retry(0), 0);
+    }
+}

@@ -1,0 +1,78 @@
+//! `GET /api/events/stream` for requests that arrive on a connection hyper already serves
+//! (a keep-alive connection reused by a browser or a proxy). Fresh connections are served
+//! on the raw socket instead; both follow `contract.rs` and use the same [`Session`].
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Uri};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use super::contract;
+use super::{Session, StreamParams};
+use crate::state::AppState;
+
+/// Cancelling this drops the HTTP connection it belongs to. The hub cancels it when a
+/// stream on that connection falls more than its queue behind: hyper then waits on a full
+/// socket and stops polling the body, so the stream itself could not notice. The accept
+/// loop makes one per connection and hands it to the request as an extension.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectionKill(CancellationToken);
+
+impl ConnectionKill {
+    /// Resolves when a stream on this connection must end the connection.
+    pub async fn killed(&self) {
+        self.0.cancelled().await;
+    }
+}
+
+/// Serves a stream through axum.
+pub(crate) async fn stream_events(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    kill: Option<axum::Extension<ConnectionKill>>,
+) -> Response {
+    if let Err(refusal) = contract::admit(&state) {
+        return refusal.into_response();
+    }
+    let last_event_id = headers.get("last-event-id").map(HeaderValue::as_bytes);
+    let params = StreamParams::parse(uri.query(), last_event_id);
+    let kill = kill.map(|k| k.0.0.clone()).unwrap_or_default();
+    let session = Session::open(&state, params, None, kill);
+    let preamble = contract::preamble(state.config.retry_ms);
+    let body = futures::stream::once(async move { Ok::<_, Infallible>(preamble) }).chain(
+        futures::stream::unfold(Some((session, state)), |step| async move {
+            let (mut session, state) = step?;
+            let mut batch = Vec::new();
+            match session.next_batch(&mut batch).await {
+                Ok(events) => {
+                    state.metrics.events_delivered.inc_by(events);
+                    Some((Ok(concat(batch)), Some((session, state))))
+                }
+                Err(end) => {
+                    // A client dropped as slow was already counted by the hub.
+                    let hint = contract::farewell(end, state.config.retry_ms)?;
+                    Some((Ok(hint), None))
+                }
+            }
+        }),
+    );
+    let mut response = Body::from_stream(body).into_response();
+    response.headers_mut().extend(contract::header_map());
+    response
+}
+
+fn concat(batch: Vec<Bytes>) -> Bytes {
+    if batch.len() == 1 {
+        return batch.into_iter().next().unwrap_or_default();
+    }
+    let mut out = Vec::with_capacity(batch.iter().map(Bytes::len).sum());
+    for frame in &batch {
+        out.extend_from_slice(frame);
+    }
+    Bytes::from(out)
+}
