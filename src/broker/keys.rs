@@ -11,6 +11,12 @@ pub struct Keys {
     pub events: String,
     /// Settings the function library reads (history length, size limit): `{ns}:config`.
     pub config: String,
+    /// Shared counters behind cluster-wide stats (`total`, `type:<t>`): `{ns}:stats`.
+    pub stats: String,
+    /// Each live replica's client count and last heartbeat: `{ns}:replicas`.
+    pub replicas: String,
+    /// When each replica's entry in `replicas` expires (a sorted set): `{ns}:replicas:expiry`.
+    pub replicas_expiry: String,
     prefix: String,
 }
 
@@ -22,6 +28,9 @@ impl Keys {
             stream: format!("{prefix}:stream"),
             events: format!("{prefix}:events"),
             config: format!("{prefix}:config"),
+            stats: format!("{prefix}:stats"),
+            replicas: format!("{prefix}:replicas"),
+            replicas_expiry: format!("{prefix}:replicas:expiry"),
             prefix,
         }
     }
@@ -29,6 +38,27 @@ impl Keys {
     /// The channel on which a replica's readiness canary travels.
     pub fn canary(&self, replica_id: &str) -> String {
         format!("{}:canary:{replica_id}", self.prefix)
+    }
+
+    /// The key remembering the id a publish with `idempotency_key` got (ten minutes).
+    pub fn idempotency(&self, idempotency_key: &str) -> String {
+        format!("{}:idem:{idempotency_key}", self.prefix)
+    }
+
+    /// Every name this namespace uses, each with a placeholder where a name has a variable
+    /// part. The function library derives its own from the stream key; a test holds the two
+    /// lists equal.
+    pub fn all(&self) -> Vec<String> {
+        vec![
+            self.stream.clone(),
+            self.events.clone(),
+            self.config.clone(),
+            self.stats.clone(),
+            self.replicas.clone(),
+            self.replicas_expiry.clone(),
+            self.canary("<replica>"),
+            self.idempotency("<key>"),
+        ]
     }
 }
 
@@ -56,6 +86,9 @@ mod tests {
         assert_eq!(keys.stream, "{eventfabric}:stream");
         assert_eq!(keys.events, "{eventfabric}:events");
         assert_eq!(keys.canary("gw-1"), "{eventfabric}:canary:gw-1");
+        for name in keys.all() {
+            assert!(name.starts_with("{eventfabric}:"), "{name}");
+        }
     }
 
     #[test]

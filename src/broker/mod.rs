@@ -13,6 +13,8 @@ mod canary;
 mod delivery;
 pub(crate) mod history;
 pub(crate) mod keys;
+#[cfg(test)]
+mod lua_in_step;
 mod memory;
 pub(crate) mod redis;
 mod reporter;
