@@ -5,6 +5,8 @@
 mod health;
 mod publish;
 mod stats;
+#[cfg(test)]
+mod tests;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
