@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::replica::Replica;
-use crate::harness::{Api, RedisProc, eventually, unique_namespace};
+use crate::harness::{GatewayBuilder, RedisProc, unique_namespace};
 
 const SCRIPT: &str = r#"
 const { EventSource } = require('eventsource');
@@ -63,27 +62,17 @@ async fn whatwg_eventsource_resumes_across_a_replica_restart_without_loss() {
     };
     let redis = RedisProc::start();
     let ns = unique_namespace("whatwg");
-    let args: Vec<String> = [
-        "--redis-url",
-        redis.url(),
-        "--namespace",
-        &ns,
-        "--retry-ms",
-        "300",
-        "--heartbeat-secs",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut a = Replica::start("a", &args);
-    let b = Replica::start("b", &args);
-    let (api_a, api_b) = (Api::new(&a.base_url()), Api::new(&b.base_url()));
+    let replica = GatewayBuilder::new()
+        .redis_url(redis.url())
+        .namespace(&ns)
+        .opt("--retry-ms", 300)
+        .opt("--heartbeat-secs", 1)
+        .env("RUST_LOG", "eventfabric=info");
+    let mut a = replica.clone().spawn();
+    let b = replica.spawn();
+    let (api_a, api_b) = (a.api(), b.api());
     for api in [&api_a, &api_b] {
-        eventually("replica ready", Duration::from_secs(15), || async {
-            (api.get("/readyz").await.0 == 200).then_some(())
-        })
-        .await;
+        api.wait_ready(Duration::from_secs(15)).await;
     }
 
     let script = tempfile::NamedTempFile::new().expect("temp file");
@@ -118,7 +107,7 @@ async fn whatwg_eventsource_resumes_across_a_replica_restart_without_loss() {
         ids.push(api_a.publish("before", json!({ "seq": seq })).await);
     }
     // Replica A goes away; events keep coming through replica B meanwhile.
-    a.stop(Duration::from_secs(15));
+    a.stop_within(Duration::from_secs(15));
     for seq in 10..20 {
         ids.push(api_b.publish("during", json!({ "seq": seq })).await);
     }

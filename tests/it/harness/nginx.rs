@@ -8,10 +8,15 @@
 //! `http` block turns on gzip (also for `text/event-stream`) and leaves nginx's default
 //! proxy buffering on: only the shipped file's `gzip off`/`proxy_buffering off` undo that.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::free_port;
 
 /// Where Debian's package installs nginx (`.ci/run` installs `nginx-light`).
 pub const NGINX_BIN: &str = "/usr/sbin/nginx";
@@ -51,7 +56,7 @@ impl NginxProc {
             .expect("create temp dir for nginx");
         let mut last_err = String::new();
         for _ in 0..5 {
-            let addr = free_addr();
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let conf = dir.path().join("nginx.conf");
             std::fs::write(&conf, config(dir.path(), addr, upstreams, &locations))
                 .expect("write nginx.conf");
@@ -117,10 +122,9 @@ impl Drop for NginxProc {
             return;
         };
         // SIGTERM lets the master stop its workers; SIGKILL would orphan them.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
         let deadline = Instant::now() + STOP_DEADLINE;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -137,7 +141,7 @@ impl Drop for NginxProc {
 fn config(dir: &Path, addr: SocketAddr, upstreams: &[SocketAddr], locations: &Path) -> String {
     let d = dir.display();
     // As root the workers would run as `nobody`, which cannot enter the private temp dir.
-    let user = if running_as_root() {
+    let user = if nix::unistd::geteuid().is_root() {
         "user root;\n"
     } else {
         ""
@@ -185,19 +189,6 @@ http {{
 ",
         locations = locations.display()
     )
-}
-
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr")
 }
 
 fn wait_listening(child: &mut Child, addr: SocketAddr) -> Result<(), String> {

@@ -2,9 +2,11 @@
 //! `REDIS_URL` when that is set (then it cannot be killed or restarted by tests).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::free_port;
 
 /// How long a fresh `redis-server` may take to answer PING.
 pub const REDIS_STARTUP_DEADLINE: Duration = Duration::from_secs(10);
@@ -87,11 +89,6 @@ impl RedisProc {
         self.port
     }
 
-    /// True when this is the `REDIS_URL` server (kill/restart impossible).
-    pub fn is_external(&self) -> bool {
-        self.external
-    }
-
     /// `None` if kill/restart work; otherwise a reason to print when skipping a test.
     pub fn skip_reason_for_kill(&self) -> Option<String> {
         self.external.then(|| {
@@ -151,11 +148,6 @@ impl Drop for RedisProc {
             let _ = c.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
 }
 
 fn spawn_redis(port: u16, dir: &std::path::Path) -> Result<Child, String> {
