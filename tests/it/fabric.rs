@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::harness::sse::{Next, assert_json_error, blocks, event_blocks, parse_block, seqs};
 use crate::harness::{
     Api, ConnectOpts, GatewayBuilder, GatewayProc, RawSse, RedisProc, SseClient, eventually,
-    free_port, parse_stream_id, unique_namespace,
+    free_port, parse_stream_id, tools, unique_namespace,
 };
 
 /// Per-step wait for things that should happen "at once".
@@ -764,8 +764,7 @@ async fn stats_sum_clients_over_replicas_and_drop_stopped_and_killed_replicas() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_under_connected_clients_loses_no_accepted_event() {
     let redis = RedisProc::start();
-    if let Some(reason) = redis.skip_reason_for_kill() {
-        eprintln!("{reason}");
+    if tools::require(redis.killable()).is_none() {
         return;
     }
     let mut fab = Fabric::start_on(redis, "outage", 2, |b| b.opt("--heartbeat-secs", 1)).await;
@@ -937,21 +936,8 @@ async fn garbage_on_the_channel_is_counted_and_dropped_and_delivery_continues() 
 // 7. Redis absent at start-up
 // ---------------------------------------------------------------------------------------
 
-fn redis_server_available() -> bool {
-    Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_starts_without_redis_and_becomes_ready_when_it_appears() {
-    if !redis_server_available() {
-        eprintln!("SKIP: no redis-server binary to start on a chosen port");
-        return;
-    }
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/");
     let ns = unique_namespace("absent");
@@ -1161,28 +1147,18 @@ n = r.publish('{%s}:events' % ns,
 print(n)
 "#;
 
-fn python_has_redis() -> bool {
-    Command::new("python3")
-        .args(["-c", "import redis"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_producer_with_redis_py_reaches_clients() {
-    if !python_has_redis() {
-        eprintln!("SKIP: redis-py not installed");
+    let Some(python) = tools::require(tools::python_with_redis()) else {
         return;
-    }
+    };
     let fab = Fabric::start("python", 2, |b| b).await;
     let mut clients = [client(&fab.api(0)).await, client(&fab.api(1)).await];
     wait_cluster_clients(&fab.api(0), 2, T).await;
 
     let (url, ns) = (fab.redis.url().to_string(), fab.ns.clone());
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new("python3");
+        let mut cmd = Command::new(python);
         cmd.args(["-c", PY_PRODUCER, &url, &ns]);
         run_bounded(cmd, T)
     })

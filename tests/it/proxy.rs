@@ -9,8 +9,11 @@
 //!   time) under 300 clients and a steady producer loses, duplicates and reorders nothing:
 //!   clients reconnect through nginx and resume by `Last-Event-ID`. The reconnect time
 //!   distribution and how the draining replica spread its clients' returns are printed.
+//!
+//! Needs nginx (`tools::nginx`); without it both tests report themselves skipped.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::harness::nginx::NginxProc;
 use crate::harness::sse::{SseBlocks, metric_value};
 use crate::harness::{
-    GatewayBuilder, GatewayProc, RedisProc, eventually, parse_stream_id, unique_namespace,
+    GatewayBuilder, GatewayProc, RedisProc, eventually, parse_stream_id, tools, unique_namespace,
 };
 
 /// Replicas behind the proxy.
@@ -57,7 +60,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(settings: Settings) -> Cluster {
+    async fn start(nginx: &Path, settings: Settings) -> Cluster {
         let redis = RedisProc::start();
         let namespace = unique_namespace("proxy");
         let replicas: Vec<GatewayProc> = tokio::task::block_in_place(|| {
@@ -77,7 +80,7 @@ impl Cluster {
                 .collect()
         });
         let addrs: Vec<_> = replicas.iter().map(GatewayProc::addr).collect();
-        let nginx = tokio::task::block_in_place(|| NginxProc::start(&addrs));
+        let nginx = tokio::task::block_in_place(|| NginxProc::start(nginx, &addrs));
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .build()
@@ -444,6 +447,9 @@ async fn wait_stats_cover_every_client(cluster: &Cluster, clients: u64) -> BTree
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stream_through_nginx_is_unbuffered_and_reaches_every_client_within_100ms() {
+    let Some(nginx) = tools::require(tools::nginx()) else {
+        return;
+    };
     const CLIENTS: usize = 30;
     const EVENTS: usize = 10;
     let settings = Settings {
@@ -452,7 +458,7 @@ async fn stream_through_nginx_is_unbuffered_and_reaches_every_client_within_100m
         drain_secs: 5,
     };
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = Cluster::start(settings).await;
+    let cluster = Cluster::start(&nginx, settings).await;
     let clients = Clients::spawn(&cluster, CLIENTS);
     clients.wait_open(CLIENTS, Duration::from_secs(10)).await;
 
@@ -530,6 +536,9 @@ async fn stream_through_nginx_is_unbuffered_and_reaches_every_client_within_100m
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart_behind_nginx_loses_no_event() {
+    let Some(nginx) = tools::require(tools::nginx()) else {
+        return;
+    };
     const CLIENTS: usize = 300;
     const PUBLISH_EVERY: Duration = Duration::from_millis(50);
     let settings = Settings {
@@ -539,7 +548,7 @@ async fn rolling_restart_behind_nginx_loses_no_event() {
     };
     let _serial = ONE_AT_A_TIME.lock().await;
     let started = Instant::now();
-    let mut cluster = Cluster::start(settings).await;
+    let mut cluster = Cluster::start(&nginx, settings).await;
     let clients = Clients::spawn(&cluster, CLIENTS);
     clients.wait_open(CLIENTS, Duration::from_secs(20)).await;
     let before = wait_stats_cover_every_client(&cluster, CLIENTS as u64).await;

@@ -3,18 +3,17 @@
 //! every event through `onmessage`, and when its replica restarts it must reconnect by
 //! itself, send `Last-Event-ID`, and end with every event exactly once, in order.
 //!
-//! Needs `node` and the package (`npm install --prefix ~/.cache/eventfabric-node
-//! eventsource@3.0.7`, which `.ci/run` does); without them the test prints SKIP.
+//! Needs `node` and the package, which `.ci/install-test-deps` installs where
+//! `tools::node_eventsource` looks; without them the test reports itself skipped.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{GatewayBuilder, RedisProc, unique_namespace};
+use crate::harness::{GatewayBuilder, RedisProc, tools, unique_namespace};
 
 const SCRIPT: &str = r#"
 const { EventSource } = require('eventsource');
@@ -36,28 +35,9 @@ source.onmessage = (message) => {
 setTimeout(() => { say({ timeout: got, opens }); process.exit(2); }, 30000);
 "#;
 
-/// Directory holding `node_modules/eventsource`, if the package is installed.
-fn eventsource_package() -> Option<PathBuf> {
-    let base = std::env::var_os("EVENTFABRIC_NODE_PREFIX")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            Some(cache.join("eventfabric-node"))
-        })?;
-    let modules = base.join("node_modules");
-    modules.join("eventsource").is_dir().then_some(modules)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whatwg_eventsource_resumes_across_a_replica_restart_without_loss() {
-    let node_ok = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let Some(modules) = eventsource_package().filter(|_| node_ok) else {
-        eprintln!("SKIP: node or the eventsource package is not installed");
+    let Some(modules) = tools::require(tools::node_eventsource()) else {
         return;
     };
     let redis = RedisProc::start();

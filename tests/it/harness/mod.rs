@@ -1,10 +1,11 @@
-//! Test harness: real gateway, Redis and nginx processes, an SSE test client and polling
-//! helpers.
+//! Test harness: real gateway, Redis and nginx processes, an SSE test client, the programs
+//! some tests need ([`tools`]) and polling helpers.
 
 pub mod gateway;
 pub mod nginx;
 pub mod redis;
 pub mod sse;
+pub mod tools;
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -1,5 +1,6 @@
-//! `NginxProc`: real nginx (Debian's `/usr/sbin/nginx`) in front of gateway replicas, with
-//! the SSE proxy settings that ship in `deploy/nginx/eventfabric-locations.conf`.
+//! `NginxProc`: real nginx (Debian's `/usr/sbin/nginx`, found by `tools::nginx`) in front of
+//! gateway replicas, with the SSE proxy settings that ship in
+//! `deploy/nginx/eventfabric-locations.conf`.
 //!
 //! The generated configuration only adds what differs per run: temp paths inside a temp
 //! dir, the loopback upstream addresses and the listening port. The `location` blocks are
@@ -17,9 +18,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use super::free_port;
-
-/// Where Debian's package installs nginx (`.ci/run` installs `nginx-light`).
-pub const NGINX_BIN: &str = "/usr/sbin/nginx";
 
 /// How long nginx may take to accept connections.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
@@ -40,14 +38,9 @@ pub struct NginxProc {
 }
 
 impl NginxProc {
-    /// Starts nginx on a free loopback port, proxying to `upstreams`. Panics (naming the
-    /// package to install) if nginx is missing.
-    pub fn start(upstreams: &[SocketAddr]) -> Self {
-        assert!(
-            Path::new(NGINX_BIN).is_file(),
-            "{NGINX_BIN} not found: the proxy tests run real nginx; install it with \
-             `apt-get install nginx-light` (.ci/run does)"
-        );
+    /// Starts the nginx binary `nginx` (see [`tools::nginx`](super::tools::nginx)) on a free
+    /// loopback port, proxying to `upstreams`.
+    pub fn start(nginx: &Path, upstreams: &[SocketAddr]) -> Self {
         let locations = locations_file();
         assert!(locations.is_file(), "{} is missing", locations.display());
         let dir = tempfile::Builder::new()
@@ -60,7 +53,7 @@ impl NginxProc {
             let conf = dir.path().join("nginx.conf");
             std::fs::write(&conf, config(dir.path(), addr, upstreams, &locations))
                 .expect("write nginx.conf");
-            let mut child = Command::new(NGINX_BIN)
+            let mut child = Command::new(nginx)
                 .arg("-p")
                 .arg(dir.path())
                 .arg("-e")
@@ -73,7 +66,7 @@ impl NginxProc {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .unwrap_or_else(|e| panic!("cannot spawn {NGINX_BIN}: {e}"));
+                .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", nginx.display()));
             match wait_listening(&mut child, addr) {
                 Ok(()) => {
                     return NginxProc {
