@@ -397,18 +397,8 @@ pub async fn run(
 /// earlier run, and fails with "Address already in use" long before the ephemeral range is
 /// used up. Best effort: on failure the plain bind is still tried.
 fn bind_address_no_port(socket: &TcpSocket) {
-    use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
-    // SAFETY: a valid socket descriptor and a correctly sized `c_int` option value.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
+    let _ = setsockopt(socket, IpBindAddressNoPort, &true);
 }
 
 /// A tiny xorshift generator for reconnect jitter (no shared state, no dependency).
@@ -519,6 +509,15 @@ async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_address_no_port_sets_the_socket_option() {
+        use nix::sys::socket::{getsockopt, sockopt::IpBindAddressNoPort};
+        let socket = TcpSocket::new_v4().expect("socket");
+        assert!(!getsockopt(&socket, IpBindAddressNoPort).expect("getsockopt"));
+        bind_address_no_port(&socket);
+        assert!(getsockopt(&socket, IpBindAddressNoPort).expect("getsockopt"));
+    }
 
     #[test]
     fn backoff_is_jittered_and_capped() {

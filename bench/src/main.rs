@@ -27,6 +27,7 @@ mod url;
 #[cfg(test)]
 mod e2e_tests;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -58,7 +59,12 @@ fn main() -> ExitCode {
     match result {
         Ok(report) => {
             eprint!("{}", report.human());
-            println!("{}", report.json());
+            // The one JSON line is the output scripts read (`bench/matrix.py`): a failed
+            // write (say, a closed pipe) fails the run instead of panicking.
+            if let Err(e) = writeln!(std::io::stdout().lock(), "{}", report.json()) {
+                eprintln!("loadgen: cannot write the JSON report to stdout: {e}");
+                return ExitCode::FAILURE;
+            }
             if report.timed_out {
                 ExitCode::from(3)
             } else {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{GatewayBuilder, RedisProc, eventually, unique_namespace};
+use crate::harness::{GatewayBuilder, RedisProc, eventually, free_port, unique_namespace};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -539,10 +539,7 @@ async fn settings_serve_the_probes(
         "{source}: HEALTHCHECK {argv:?} failed against a serving gateway: {}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let down = tokio::task::block_in_place(|| healthcheck(closed.to_string()));
     assert!(
         !down.status.success(),

@@ -16,10 +16,10 @@ use reqwest::StatusCode;
 use reqwest_eventsource::{Event as EsEvent, EventSource};
 use serde_json::{Value, json};
 
-use crate::harness::sse::{Next, seqs};
+use crate::harness::sse::{Next, assert_json_error, blocks, event_blocks, parse_block, seqs};
 use crate::harness::{
     Api, ConnectOpts, GatewayBuilder, GatewayProc, RawSse, RedisProc, SseClient, eventually,
-    parse_stream_id, unique_namespace,
+    free_port, parse_stream_id, tools, unique_namespace,
 };
 
 /// Per-step wait for things that should happen "at once".
@@ -85,7 +85,7 @@ impl Fabric {
             .map(|i| tune(replica(redis.url(), &ns, &format!("{prefix}-{i}"))).spawn())
             .collect();
         for gw in &gws {
-            wait_ready(&gw.api(), T).await;
+            gw.api().wait_ready(T).await;
         }
         Fabric { gws, ns, redis }
     }
@@ -97,26 +97,6 @@ impl Fabric {
     async fn conn(&self) -> MultiplexedConnection {
         redis_conn(self.redis.url()).await
     }
-}
-
-/// Polls `/readyz` until it answers 200.
-async fn wait_ready(api: &Api, timeout: Duration) {
-    let what = format!("{} /readyz to answer 200", api.base());
-    eventually(&what, timeout, || async move {
-        let (status, _) = api.get("/readyz").await;
-        (status == StatusCode::OK).then_some(())
-    })
-    .await
-}
-
-/// Polls `/readyz` until it answers 503.
-async fn wait_not_ready(api: &Api, timeout: Duration) {
-    let what = format!("{} /readyz to answer 503", api.base());
-    eventually(&what, timeout, || async move {
-        let (status, _) = api.get("/readyz").await;
-        (status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
-    })
-    .await
 }
 
 /// A multiplexed connection with generous timeouts (a 10,000-command pipeline takes a
@@ -280,41 +260,27 @@ impl RawEvent {
     }
 }
 
-/// The event blocks (not comments, not `retry:` hints) of a raw SSE body, in order.
+/// The event blocks (not comments, not `retry:` hints) of a raw SSE body, in order; panics
+/// on one whose data is not JSON.
 fn raw_events(text: &str) -> Vec<RawEvent> {
-    let mut blocks: Vec<&str> = text.split("\n\n").collect();
-    blocks.pop(); // unterminated tail
-    blocks
+    event_blocks(text)
         .into_iter()
-        .filter(|b| !b.starts_with(':') && !b.starts_with("retry:") && !b.is_empty())
         .map(|b| {
-            let mut id_line = None;
-            let mut data = String::new();
-            for line in b.lines() {
-                if let Some(id) = line.strip_prefix("id: ") {
-                    id_line = Some(id.to_string());
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push_str(d);
-                }
+            let block = parse_block(b);
+            RawEvent {
+                json: block.json(),
+                id_line: block.id,
             }
-            let json = serde_json::from_str(&data)
-                .unwrap_or_else(|e| panic!("event block {b:?} has no JSON data: {e}"));
-            RawEvent { id_line, json }
         })
         .collect()
 }
 
 /// How many `: heartbeat` comments a raw SSE body holds.
 fn heartbeats(text: &str) -> usize {
-    text.split("\n\n")
+    blocks(text)
+        .into_iter()
         .filter(|b| b.starts_with(": heartbeat"))
         .count()
-}
-
-/// A free TCP port on 127.0.0.1 with nothing listening (after the probe closes).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
 }
 
 /// Runs the `eventfabric` binary with `args` (blocking, bounded); returns exit success,
@@ -696,7 +662,7 @@ async fn resume_on_another_replica_replays_exactly_the_missed_events_then_live()
     // the shared stream in Redis, then go live.
     let late = replica(fab.redis.url(), &fab.ns, "resume-late").spawn();
     let c = late.api();
-    wait_ready(&c, T).await;
+    c.wait_ready(T).await;
     let mut on_c = SseClient::connect(c.base(), ConnectOpts::header(&ids[2])).await;
     let replayed = on_c.collect(5, T).await;
     assert_eq!(seqs(&replayed), vec![3, 4, 5, 6, 7], "{}", on_c.summary());
@@ -795,25 +761,10 @@ async fn stats_sum_clients_over_replicas_and_drop_stopped_and_killed_replicas() 
 // 5. Redis killed and restarted under connected clients
 // ---------------------------------------------------------------------------------------
 
-fn assert_unavailable_json(status: StatusCode, body: &str, what: &str) {
-    assert_eq!(
-        status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "{what}: expected 503 while Redis is down, got {status}: {body}"
-    );
-    let v: Value = serde_json::from_str(body)
-        .unwrap_or_else(|e| panic!("{what}: 503 body {body:?} is not JSON: {e}"));
-    assert!(
-        v["error"].as_str().is_some_and(|s| !s.is_empty()) && v["message"].is_string(),
-        "{what}: 503 body {body} lacks `error`/`message`"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_under_connected_clients_loses_no_accepted_event() {
     let redis = RedisProc::start();
-    if let Some(reason) = redis.skip_reason_for_kill() {
-        eprintln!("{reason}");
+    if tools::require(redis.killable()).is_none() {
         return;
     }
     let mut fab = Fabric::start_on(redis, "outage", 2, |b| b.opt("--heartbeat-secs", 1)).await;
@@ -845,21 +796,23 @@ async fn redis_restart_under_connected_clients_loses_no_accepted_event() {
     for (i, api) in apis.iter().enumerate() {
         let body = json!({"type": "job_updated", "data": {"seq": 100}}).to_string();
         let (status, text) = api.post_raw(body, "application/json").await;
-        assert_unavailable_json(
+        assert_json_error(
             status,
             &text,
+            StatusCode::SERVICE_UNAVAILABLE,
             &format!("POST on replica {i} right after kill"),
         );
     }
     for api in &apis {
-        wait_not_ready(api, T).await;
+        api.wait_readyz(StatusCode::SERVICE_UNAVAILABLE, T).await;
     }
     for (i, api) in apis.iter().enumerate() {
         let body = json!({"type": "job_updated", "data": {"seq": 101}}).to_string();
         let (status, text) = api.post_raw(body, "application/json").await;
-        assert_unavailable_json(
+        assert_json_error(
             status,
             &text,
+            StatusCode::SERVICE_UNAVAILABLE,
             &format!("POST on replica {i} while not ready"),
         );
     }
@@ -877,7 +830,7 @@ async fn redis_restart_under_connected_clients_loses_no_accepted_event() {
     // After: once ready again, every path works.
     fab.redis.restart();
     for api in &apis {
-        wait_ready(api, Duration::from_secs(20)).await;
+        api.wait_ready(Duration::from_secs(20)).await;
     }
     for seq in 3..5u64 {
         let id = apis[seq as usize % 2].publish_seq("job_updated", seq).await;
@@ -983,21 +936,8 @@ async fn garbage_on_the_channel_is_counted_and_dropped_and_delivery_continues() 
 // 7. Redis absent at start-up
 // ---------------------------------------------------------------------------------------
 
-fn redis_server_available() -> bool {
-    Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_starts_without_redis_and_becomes_ready_when_it_appears() {
-    if !redis_server_available() {
-        eprintln!("SKIP: no redis-server binary to start on a chosen port");
-        return;
-    }
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}/");
     let ns = unique_namespace("absent");
@@ -1014,7 +954,12 @@ async fn gateway_starts_without_redis_and_becomes_ready_when_it_appears() {
     );
     let body = json!({"type": "job_updated", "data": {"seq": 0}}).to_string();
     let (status, text) = api.post_raw(body, "application/json").await;
-    assert_unavailable_json(status, &text, "POST while Redis is absent");
+    assert_json_error(
+        status,
+        &text,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "POST while Redis is absent",
+    );
     eventually("a warning about Redis in the log", T, || {
         let log = gw.log();
         async move {
@@ -1027,7 +972,7 @@ async fn gateway_starts_without_redis_and_becomes_ready_when_it_appears() {
 
     let redis = RedisProc::start_on_port(port);
     let appeared = Instant::now();
-    wait_ready(&api, T).await;
+    api.wait_ready(T).await;
     eprintln!("ready {:?} after Redis appeared", appeared.elapsed());
 
     let mut c = client(&api).await;
@@ -1202,28 +1147,18 @@ n = r.publish('{%s}:events' % ns,
 print(n)
 "#;
 
-fn python_has_redis() -> bool {
-    Command::new("python3")
-        .args(["-c", "import redis"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_producer_with_redis_py_reaches_clients() {
-    if !python_has_redis() {
-        eprintln!("SKIP: redis-py not installed");
+    let Some(python) = tools::require(tools::python_with_redis()) else {
         return;
-    }
+    };
     let fab = Fabric::start("python", 2, |b| b).await;
     let mut clients = [client(&fab.api(0)).await, client(&fab.api(1)).await];
     wait_cluster_clients(&fab.api(0), 2, T).await;
 
     let (url, ns) = (fab.redis.url().to_string(), fab.ns.clone());
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
-        let mut cmd = Command::new("python3");
+        let mut cmd = Command::new(python);
         cmd.args(["-c", PY_PRODUCER, &url, &ns]);
         run_bounded(cmd, T)
     })
@@ -1296,7 +1231,7 @@ async fn resume_from_an_id_trimmed_from_the_redis_stream_gets_history_truncated_
     // A replica started afterwards holds nothing in memory, so Redis decides.
     let late = replica(fab.redis.url(), &fab.ns, "trim-late").spawn();
     let api = late.api();
-    wait_ready(&api, T).await;
+    api.wait_ready(T).await;
     let mut c = SseClient::connect(api.base(), ConnectOpts::header(&ids[0])).await;
     let notice = c.expect_event(T).await;
     assert_eq!(notice.ty(), "history_truncated", "{}", c.summary());

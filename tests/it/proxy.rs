@@ -9,8 +9,11 @@
 //!   time) under 300 clients and a steady producer loses, duplicates and reorders nothing:
 //!   clients reconnect through nginx and resume by `Last-Event-ID`. The reconnect time
 //!   distribution and how the draining replica spread its clients' returns are printed.
+//!
+//! Needs nginx (`tools::nginx`); without it both tests report themselves skipped.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,9 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::nginx::NginxProc;
-use crate::harness::replica::Replica;
-use crate::harness::sse::metric_value;
-use crate::harness::{RedisProc, eventually, parse_stream_id, unique_namespace};
+use crate::harness::sse::{SseBlocks, metric_value};
+use crate::harness::{
+    GatewayBuilder, GatewayProc, RedisProc, eventually, parse_stream_id, tools, unique_namespace,
+};
 
 /// Replicas behind the proxy.
 const REPLICAS: usize = 3;
@@ -40,47 +44,43 @@ struct Settings {
     drain_secs: u64,
 }
 
+/// Replica `i`'s `--replica-id`.
+fn replica_name(i: usize) -> String {
+    format!("proxy-r{}", i + 1)
+}
+
 /// Redis, the replicas and nginx in front of them. Fields drop in order: the proxy first,
 /// then the replicas, then Redis.
 struct Cluster {
     nginx: NginxProc,
-    replicas: Vec<Replica>,
+    replicas: Vec<GatewayProc>,
     redis: RedisProc,
     namespace: String,
     http: reqwest::Client,
 }
 
 impl Cluster {
-    async fn start(settings: Settings) -> Cluster {
+    async fn start(nginx: &Path, settings: Settings) -> Cluster {
         let redis = RedisProc::start();
         let namespace = unique_namespace("proxy");
-        let replicas: Vec<Replica> = tokio::task::block_in_place(|| {
-            (1..=REPLICAS)
+        let replicas: Vec<GatewayProc> = tokio::task::block_in_place(|| {
+            (0..REPLICAS)
                 .map(|i| {
-                    let name = format!("proxy-r{i}");
-                    let args: Vec<String> = [
-                        "--redis-url",
-                        redis.url(),
-                        "--namespace",
-                        &namespace,
-                        "--replica-id",
-                        &name,
-                        "--heartbeat-secs",
-                        &settings.heartbeat_secs.to_string(),
-                        "--retry-ms",
-                        &settings.retry_ms.to_string(),
-                        "--drain-secs",
-                        &settings.drain_secs.to_string(),
-                    ]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                    Replica::start(&name, &args)
+                    GatewayBuilder::new()
+                        .redis_url(redis.url())
+                        .namespace(&namespace)
+                        .replica_id(&replica_name(i))
+                        .opt("--heartbeat-secs", settings.heartbeat_secs)
+                        .opt("--retry-ms", settings.retry_ms)
+                        .opt("--drain-secs", settings.drain_secs)
+                        // Per-client debug lines from 300 clients would only slow the test.
+                        .env("RUST_LOG", "eventfabric=info")
+                        .spawn()
                 })
                 .collect()
         });
-        let addrs: Vec<_> = replicas.iter().map(Replica::addr).collect();
-        let nginx = tokio::task::block_in_place(|| NginxProc::start(&addrs));
+        let addrs: Vec<_> = replicas.iter().map(GatewayProc::addr).collect();
+        let nginx = tokio::task::block_in_place(|| NginxProc::start(nginx, &addrs));
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .build()
@@ -100,13 +100,10 @@ impl Cluster {
 
     /// Waits until replica `i` answers `/readyz` with 200 (directly, not through nginx).
     async fn wait_ready(&self, i: usize) {
-        let url = format!("{}/readyz", self.replicas[i].base_url());
-        let what = format!("{} ready", self.replicas[i].name());
-        eventually(&what, Duration::from_secs(15), || async {
-            let resp = self.http.get(&url).send().await.ok()?;
-            (resp.status() == 200).then_some(())
-        })
-        .await;
+        self.replicas[i]
+            .api()
+            .wait_ready(Duration::from_secs(15))
+            .await;
     }
 
     fn stream_url(&self) -> String {
@@ -309,7 +306,7 @@ async fn run_client(
         };
         check_headers(&response, &seen);
         let mut body = response.bytes_stream();
-        let mut parser = SseParser::default();
+        let mut parser = SseBlocks::default();
         let mut opened = false;
         loop {
             let chunk = tokio::select! {
@@ -336,14 +333,20 @@ async fn run_client(
                     });
                 }
             }
-            for item in parser.push(&bytes) {
-                match item {
-                    Item::Retry(ms) => retry_ms = ms,
-                    Item::Comment => seen.heartbeats.push(now),
-                    Item::Event { id: None, data } => {
+            for block in parser.push(&bytes) {
+                if let Some(ms) = block.retry {
+                    retry_ms = ms;
+                }
+                match (block.data, block.id) {
+                    (None, _) => {
+                        if block.comment {
+                            seen.heartbeats.push(now);
+                        }
+                    }
+                    (Some(data), None) => {
                         seen.problems.push(format!("event without an id: {data}"));
                     }
-                    Item::Event { id: Some(id), .. } => {
+                    (Some(_), Some(id)) => {
                         let newer = match (&last_id, parse_stream_id(&id)) {
                             (_, None) => false,
                             (None, Some(_)) => true,
@@ -392,63 +395,6 @@ fn check_headers(response: &reqwest::Response, seen: &Mutex<Seen>) {
     }
 }
 
-/// One parsed SSE block.
-#[derive(Debug)]
-enum Item {
-    Event { id: Option<String>, data: String },
-    Retry(u64),
-    Comment,
-}
-
-/// Splits a byte stream into SSE blocks (the gateway ends lines with `\n`).
-#[derive(Debug, Default)]
-struct SseParser {
-    buf: Vec<u8>,
-}
-
-impl SseParser {
-    fn push(&mut self, bytes: &[u8]) -> Vec<Item> {
-        self.buf.extend_from_slice(bytes);
-        let mut items = Vec::new();
-        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = self.buf.drain(..end + 2).collect();
-            let text = String::from_utf8_lossy(&block[..end]);
-            let (mut id, mut data, mut retry, mut comment) = (None, None::<String>, None, false);
-            for line in text.split('\n') {
-                if line.starts_with(':') {
-                    comment = true;
-                    continue;
-                }
-                let (field, value) = match line.split_once(':') {
-                    Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-                    None => (line, ""),
-                };
-                match field {
-                    "id" => id = Some(value.to_owned()),
-                    "data" => match &mut data {
-                        Some(d) => {
-                            d.push('\n');
-                            d.push_str(value);
-                        }
-                        None => data = Some(value.to_owned()),
-                    },
-                    "retry" => retry = value.parse().ok(),
-                    _ => {}
-                }
-            }
-            if let Some(ms) = retry {
-                items.push(Item::Retry(ms));
-            }
-            if let Some(data) = data {
-                items.push(Item::Event { id, data });
-            } else if comment {
-                items.push(Item::Comment);
-            }
-        }
-        items
-    }
-}
-
 /// The value at quantile `q` of sorted `values`.
 fn quantile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
@@ -489,8 +435,8 @@ async fn wait_stats_cover_every_client(cluster: &Cluster, clients: u64) -> BTree
         if entries.len() != REPLICAS || entries.values().sum::<u64>() != clients {
             return None;
         }
-        for (i, replica) in cluster.replicas.iter().enumerate() {
-            if entries.get(replica.name()) != Some(&cluster.clients_of(i).await?) {
+        for i in 0..REPLICAS {
+            if entries.get(&replica_name(i)) != Some(&cluster.clients_of(i).await?) {
                 return None;
             }
         }
@@ -501,6 +447,9 @@ async fn wait_stats_cover_every_client(cluster: &Cluster, clients: u64) -> BTree
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stream_through_nginx_is_unbuffered_and_reaches_every_client_within_100ms() {
+    let Some(nginx) = tools::require(tools::nginx()) else {
+        return;
+    };
     const CLIENTS: usize = 30;
     const EVENTS: usize = 10;
     let settings = Settings {
@@ -509,7 +458,7 @@ async fn stream_through_nginx_is_unbuffered_and_reaches_every_client_within_100m
         drain_secs: 5,
     };
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = Cluster::start(settings).await;
+    let cluster = Cluster::start(&nginx, settings).await;
     let clients = Clients::spawn(&cluster, CLIENTS);
     clients.wait_open(CLIENTS, Duration::from_secs(10)).await;
 
@@ -587,6 +536,9 @@ async fn stream_through_nginx_is_unbuffered_and_reaches_every_client_within_100m
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart_behind_nginx_loses_no_event() {
+    let Some(nginx) = tools::require(tools::nginx()) else {
+        return;
+    };
     const CLIENTS: usize = 300;
     const PUBLISH_EVERY: Duration = Duration::from_millis(50);
     let settings = Settings {
@@ -596,7 +548,7 @@ async fn rolling_restart_behind_nginx_loses_no_event() {
     };
     let _serial = ONE_AT_A_TIME.lock().await;
     let started = Instant::now();
-    let mut cluster = Cluster::start(settings).await;
+    let mut cluster = Cluster::start(&nginx, settings).await;
     let clients = Clients::spawn(&cluster, CLIENTS);
     clients.wait_open(CLIENTS, Duration::from_secs(20)).await;
     let before = wait_stats_cover_every_client(&cluster, CLIENTS as u64).await;
@@ -642,13 +594,14 @@ async fn rolling_restart_behind_nginx_loses_no_event() {
     for i in 0..REPLICAS {
         let clients_before = cluster.clients_of(i).await.unwrap_or(0);
         let sigterm = Instant::now();
-        let drained = tokio::task::block_in_place(|| cluster.replicas[i].stop(drain_deadline));
+        let drained =
+            tokio::task::block_in_place(|| cluster.replicas[i].stop_within(drain_deadline));
         tokio::task::block_in_place(|| cluster.replicas[i].restart());
         cluster.wait_ready(i).await;
         clients.wait_open(CLIENTS, Duration::from_secs(10)).await;
         eprintln!(
             "restarted {}: {clients_before} clients, drained in {} ms, back after {} ms",
-            cluster.replicas[i].name(),
+            replica_name(i),
             drained.as_millis(),
             sigterm.elapsed().as_millis()
         );

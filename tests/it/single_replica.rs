@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
-use crate::harness::sse::{Next, metric_value, seqs};
+use crate::harness::sse::{Next, assert_json_error, event_blocks, metric_value, seqs};
 use crate::harness::{
     Api, ConnectOpts, GatewayBuilder, GatewayProc, RawSse, SseClient, SseEvent, now_ms,
     parse_stream_id,
@@ -41,35 +41,6 @@ async fn connect(api: &Api, opts: ConnectOpts, expect_clients: u64) -> SseClient
 
 fn ids(evs: &[SseEvent]) -> Vec<String> {
     evs.iter().map(|e| e.id.clone()).collect()
-}
-
-/// Complete `\n\n`-terminated blocks of a raw SSE body.
-fn blocks(text: &str) -> Vec<&str> {
-    let mut out: Vec<&str> = text.split("\n\n").collect();
-    out.pop(); // the (possibly empty) unterminated tail
-    out
-}
-
-/// Blocks that are not comments (heartbeats) and not the `retry:` prelude.
-fn event_blocks(text: &str) -> Vec<&str> {
-    blocks(text)
-        .into_iter()
-        .filter(|b| !b.starts_with(':') && !b.starts_with("retry:"))
-        .collect()
-}
-
-fn assert_json_error(status: StatusCode, body: &str, expected: StatusCode, what: &str) {
-    assert_eq!(status, expected, "{what}: status {status}, body {body:?}");
-    let v: Value = serde_json::from_str(body)
-        .unwrap_or_else(|e| panic!("{what}: error body {body:?} is not JSON: {e}"));
-    assert!(
-        v["error"].as_str().is_some_and(|s| !s.is_empty()),
-        "{what}: error body {body} has no non-empty string `error`"
-    );
-    assert!(
-        v["message"].is_string(),
-        "{what}: error body {body} has no string `message`"
-    );
 }
 
 // ---------------------------------------------------------------------------------------

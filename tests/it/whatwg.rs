@@ -3,19 +3,17 @@
 //! every event through `onmessage`, and when its replica restarts it must reconnect by
 //! itself, send `Last-Event-ID`, and end with every event exactly once, in order.
 //!
-//! Needs `node` and the package (`npm install --prefix ~/.cache/eventfabric-node
-//! eventsource@3.0.7`, which `.ci/run` does); without them the test prints SKIP.
+//! Needs `node` and the package, which `.ci/install-test-deps` installs where
+//! `tools::node_eventsource` looks; without them the test reports itself skipped.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::replica::Replica;
-use crate::harness::{Api, RedisProc, eventually, unique_namespace};
+use crate::harness::{GatewayBuilder, RedisProc, tools, unique_namespace};
 
 const SCRIPT: &str = r#"
 const { EventSource } = require('eventsource');
@@ -37,53 +35,24 @@ source.onmessage = (message) => {
 setTimeout(() => { say({ timeout: got, opens }); process.exit(2); }, 30000);
 "#;
 
-/// Directory holding `node_modules/eventsource`, if the package is installed.
-fn eventsource_package() -> Option<PathBuf> {
-    let base = std::env::var_os("EVENTFABRIC_NODE_PREFIX")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            Some(cache.join("eventfabric-node"))
-        })?;
-    let modules = base.join("node_modules");
-    modules.join("eventsource").is_dir().then_some(modules)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whatwg_eventsource_resumes_across_a_replica_restart_without_loss() {
-    let node_ok = Command::new("node")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let Some(modules) = eventsource_package().filter(|_| node_ok) else {
-        eprintln!("SKIP: node or the eventsource package is not installed");
+    let Some(modules) = tools::require(tools::node_eventsource()) else {
         return;
     };
     let redis = RedisProc::start();
     let ns = unique_namespace("whatwg");
-    let args: Vec<String> = [
-        "--redis-url",
-        redis.url(),
-        "--namespace",
-        &ns,
-        "--retry-ms",
-        "300",
-        "--heartbeat-secs",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut a = Replica::start("a", &args);
-    let b = Replica::start("b", &args);
-    let (api_a, api_b) = (Api::new(&a.base_url()), Api::new(&b.base_url()));
+    let replica = GatewayBuilder::new()
+        .redis_url(redis.url())
+        .namespace(&ns)
+        .opt("--retry-ms", 300)
+        .opt("--heartbeat-secs", 1)
+        .env("RUST_LOG", "eventfabric=info");
+    let mut a = replica.clone().spawn();
+    let b = replica.spawn();
+    let (api_a, api_b) = (a.api(), b.api());
     for api in [&api_a, &api_b] {
-        eventually("replica ready", Duration::from_secs(15), || async {
-            (api.get("/readyz").await.0 == 200).then_some(())
-        })
-        .await;
+        api.wait_ready(Duration::from_secs(15)).await;
     }
 
     let script = tempfile::NamedTempFile::new().expect("temp file");
@@ -118,7 +87,7 @@ async fn whatwg_eventsource_resumes_across_a_replica_restart_without_loss() {
         ids.push(api_a.publish("before", json!({ "seq": seq })).await);
     }
     // Replica A goes away; events keep coming through replica B meanwhile.
-    a.stop(Duration::from_secs(15));
+    a.stop_within(Duration::from_secs(15));
     for seq in 10..20 {
         ids.push(api_b.publish("during", json!({ "seq": seq })).await);
     }

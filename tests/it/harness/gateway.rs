@@ -3,6 +3,9 @@
 //! Started with `serve --listen 127.0.0.1:0`; the bound address is read from the start-up
 //! log line on stderr (`... listening ... addr=IP:PORT`). stderr (and stdout) keep being
 //! drained by background threads into a shared buffer that is printed when a test panics.
+//! After [`GatewayProc::stop_within`] a gateway can [`restart`](GatewayProc::restart) with the
+//! same arguments on the same address, as a replica behind a load balancer does in a rolling
+//! restart; the buffer then holds the output of every run.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -11,6 +14,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
 use super::sse::Api;
 
 /// How long the gateway may take to print its `listening` line.
@@ -18,6 +24,9 @@ pub const STARTUP_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Default deadline for `stop()`: the contract's default `--drain-secs` (10) + 1 s + slack.
 pub const DEFAULT_STOP_DEADLINE: Duration = Duration::from_secs(12);
+
+/// How long a restart keeps trying to bind the old address (it can be busy for a moment).
+const REBIND_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Builder for [`GatewayProc`]: extra command-line arguments and environment variables.
 #[derive(Debug, Default, Clone)]
@@ -30,12 +39,6 @@ impl GatewayBuilder {
     /// A gateway with no extra arguments (in-process broker).
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Adds one raw argument.
-    pub fn arg(mut self, a: impl Into<String>) -> Self {
-        self.args.push(a.into());
-        self
     }
 
     /// Adds `--flag value`.
@@ -87,77 +90,48 @@ impl GatewayProc {
         GatewayBuilder::new().spawn()
     }
 
-    /// Starts a gateway with the given builder.
+    /// Starts a gateway with the given builder on a free port.
     pub fn spawn_with(builder: GatewayBuilder) -> Self {
-        let bin = env!("CARGO_BIN_EXE_eventfabric");
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
-        cmd.args(&builder.args);
-        cmd.env_remove("REDIS_URL");
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("EVENTFABRIC_") {
-                cmd.env_remove(&k);
-            }
-        }
-        cmd.env("RUST_LOG", "eventfabric=debug");
-        cmd.env_remove("NO_COLOR");
-        for (k, v) in &builder.envs {
-            cmd.env(k, v);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("failed to spawn {bin}: {e}"));
-
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-
-        let stderr = child.stderr.take().expect("stderr piped");
-        let log_err = Arc::clone(&log);
-        std::thread::Builder::new()
-            .name("gateway-stderr".into())
-            .spawn(move || drain_lines(stderr, "", &log_err, Some(tx)))
-            .expect("spawn stderr thread");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let log_out = Arc::clone(&log);
-        std::thread::Builder::new()
-            .name("gateway-stdout".into())
-            .spawn(move || drain_lines(stdout, "[stdout] ", &log_out, None))
-            .expect("spawn stdout thread");
-
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if line.contains("listening")
-                        && let Some(addr) = parse_addr_field(&line)
-                    {
-                        break addr;
-                    }
-                }
-                Err(e) => {
-                    let status = child.try_wait().ok().flatten();
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let text = log.lock().map(|l| l.join("\n")).unwrap_or_default();
-                    panic!(
-                        "gateway did not print a `listening ... addr=IP:PORT` line within \
-                         {STARTUP_DEADLINE:?} ({e:?}; exit status {status:?}); args {:?}\n\
-                         --- gateway log ---\n{text}\n--- end ---",
-                        builder.args
-                    );
-                }
+        match spawn_child(&builder, "127.0.0.1:0", &log) {
+            Ok((child, addr)) => GatewayProc {
+                child: Some(child),
+                addr,
+                log,
+                builder,
+            },
+            Err(why) => {
+                let text = log.lock().map(|l| l.join("\n")).unwrap_or_default();
+                panic!(
+                    "gateway did not start: {why}; args {:?}\n--- gateway log ---\n{text}\n--- end ---",
+                    builder.args
+                );
             }
-        };
+        }
+    }
 
-        GatewayProc {
-            child: Some(child),
-            addr,
-            log,
-            builder,
+    /// Starts the stopped gateway again with the same arguments, on the same address.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart() of a running gateway");
+        let listen = self.addr.to_string();
+        let deadline = Instant::now() + REBIND_DEADLINE;
+        loop {
+            self.push_log(format!("[harness] restart on {listen}"));
+            match spawn_child(&self.builder, &listen, &self.log) {
+                Ok((child, _)) => {
+                    self.child = Some(child);
+                    return;
+                }
+                // The old address can stay busy for a moment; retry for a while.
+                Err(why) if Instant::now() < deadline => {
+                    self.push_log(format!("[harness] restart failed, retrying: {why}"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(why) => panic!(
+                    "gateway did not restart on {listen}: {why}\n--- gateway log ---\n{}\n--- end ---",
+                    self.log()
+                ),
+            }
         }
     }
 
@@ -171,55 +145,37 @@ impl GatewayProc {
         self.addr
     }
 
-    /// The child's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("gateway already stopped").id()
-    }
-
     /// An HTTP API client for this gateway.
     pub fn api(&self) -> Api {
         Api::new(&self.base_url())
     }
 
-    /// Everything the gateway wrote so far (stderr, and stdout lines prefixed `[stdout]`).
+    /// Everything the gateway wrote so far, over all its runs (stderr, stdout lines prefixed
+    /// `[stdout]`, and a `[harness]` line before each restart).
     pub fn log(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
     }
 
-    /// The builder this gateway was started with (to start another one like it).
-    pub fn builder(&self) -> GatewayBuilder {
-        self.builder.clone()
-    }
-
-    /// True while the process has not exited.
-    pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
     /// Sends SIGTERM without waiting.
     pub fn sigterm(&self) {
-        self.signal("TERM");
+        self.signal(Signal::SIGTERM);
     }
 
     /// Sends SIGINT without waiting.
     pub fn sigint(&self) {
-        self.signal("INT");
+        self.signal(Signal::SIGINT);
     }
 
-    // The crate has `unsafe_code = "forbid"` in [lints.rust], which also applies to this
-    // test crate and cannot be overridden, so `libc::kill` is not callable here; the
-    // `kill(1)` utility sends the signal instead.
-    fn signal(&self, sig: &str) {
-        let pid = self.pid();
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill(1)");
-        assert!(status.success(), "kill -{sig} {pid} failed: {status}");
+    fn signal(&self, signal: Signal) {
+        let pid = self.child.as_ref().expect("gateway is running").id();
+        let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits in pid_t"));
+        kill(pid, signal).unwrap_or_else(|e| panic!("{signal} to gateway {pid} failed: {e}"));
+    }
+
+    fn push_log(&self, line: String) {
+        if let Ok(mut log) = self.log.lock() {
+            log.push(line);
+        }
     }
 
     /// Waits up to `deadline` for the process to exit; panics (with the log) if it does not.
@@ -289,8 +245,76 @@ impl Drop for GatewayProc {
     }
 }
 
+/// Spawns `eventfabric serve --listen <listen>` with the builder's arguments, drains its
+/// output into `log`, and waits for its `listening` line; returns the child and the address
+/// it printed. On failure the child is killed and reaped.
+fn spawn_child(
+    builder: &GatewayBuilder,
+    listen: &str,
+    log: &Arc<Mutex<Vec<String>>>,
+) -> Result<(Child, SocketAddr), String> {
+    let bin = env!("CARGO_BIN_EXE_eventfabric");
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve").arg("--listen").arg(listen);
+    cmd.args(&builder.args);
+    cmd.env_remove("REDIS_URL");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("EVENTFABRIC_") {
+            cmd.env_remove(&k);
+        }
+    }
+    cmd.env("RUST_LOG", "eventfabric=debug");
+    cmd.env_remove("NO_COLOR");
+    for (k, v) in &builder.envs {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("failed to spawn {bin}: {e}"))?;
+
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = child.stderr.take().expect("stderr piped");
+    let log_err = Arc::clone(log);
+    std::thread::Builder::new()
+        .name("gateway-stderr".into())
+        .spawn(move || drain_lines(stderr, "", &log_err, Some(tx)))
+        .expect("spawn stderr thread");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let log_out = Arc::clone(log);
+    std::thread::Builder::new()
+        .name("gateway-stdout".into())
+        .spawn(move || drain_lines(stdout, "[stdout] ", &log_out, None))
+        .expect("spawn stdout thread");
+
+    let deadline = Instant::now() + STARTUP_DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if line.contains("listening")
+                    && let Some(addr) = parse_addr_field(&line)
+                {
+                    return Ok((child, addr));
+                }
+            }
+            Err(e) => {
+                let status = child.try_wait().ok().flatten();
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "no `listening ... addr=IP:PORT` line on {listen} within \
+                     {STARTUP_DEADLINE:?} ({e:?}; exit status {status:?})"
+                ));
+            }
+        }
+    }
+}
+
 /// Copies `r` line by line into `log` (each line prefixed) and, when given, to `tx`.
-pub fn drain_lines<R: Read>(
+fn drain_lines<R: Read>(
     r: R,
     prefix: &str,
     log: &Arc<Mutex<Vec<String>>>,
@@ -318,7 +342,7 @@ pub fn drain_lines<R: Read>(
 }
 
 /// Extracts `addr=IP:PORT` (optionally quoted) from a log line, text or JSON format.
-pub fn parse_addr_field(line: &str) -> Option<SocketAddr> {
+fn parse_addr_field(line: &str) -> Option<SocketAddr> {
     for key in ["addr=", "\"addr\":"] {
         let mut rest = line;
         while let Some(pos) = rest.find(key) {
@@ -335,4 +359,17 @@ pub fn parse_addr_field(line: &str) -> Option<SocketAddr> {
         }
     }
     None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_proc_restarts_on_the_same_address_with_the_same_arguments() {
+    let mut gw = GatewayBuilder::new().replica_id("restarted").spawn();
+    let addr = gw.addr();
+    gw.stop();
+    gw.restart();
+    assert_eq!(gw.addr(), addr);
+    let stats = gw.api().stats().await;
+    assert_eq!(stats["replica_id"], "restarted", "{stats}");
+    assert!(gw.log().contains("[harness] restart on"), "{}", gw.log());
+    gw.stop();
 }

@@ -1,19 +1,18 @@
-//! Test harness: real gateway and Redis processes, an SSE test client and polling helpers.
-
-#![allow(dead_code)]
+//! Test harness: real gateway, Redis and nginx processes, an SSE test client, the programs
+//! some tests need ([`tools`]) and polling helpers.
 
 pub mod gateway;
 pub mod nginx;
 pub mod redis;
-pub mod replica;
 pub mod sse;
+pub mod tools;
 
 use std::future::Future;
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use gateway::{GatewayBuilder, GatewayProc};
-#[allow(unused_imports)] // used by the multi-replica (Redis) tests
 pub use redis::RedisProc;
 pub use sse::{Api, ConnectOpts, RawSse, SseClient, SseEvent};
 
@@ -38,6 +37,13 @@ where
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the probe socket is closed again),
+/// for a process that must listen on a port chosen in advance.
+pub fn free_port() -> u16 {
+    let probe = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    probe.local_addr().expect("local addr").port()
 }
 
 /// A key namespace unique to this test run, so tests sharing one Redis never collide.

@@ -1,5 +1,6 @@
-//! `NginxProc`: real nginx (Debian's `/usr/sbin/nginx`) in front of gateway replicas, with
-//! the SSE proxy settings that ship in `deploy/nginx/eventfabric-locations.conf`.
+//! `NginxProc`: real nginx (Debian's `/usr/sbin/nginx`, found by `tools::nginx`) in front of
+//! gateway replicas, with the SSE proxy settings that ship in
+//! `deploy/nginx/eventfabric-locations.conf`.
 //!
 //! The generated configuration only adds what differs per run: temp paths inside a temp
 //! dir, the loopback upstream addresses and the listening port. The `location` blocks are
@@ -8,13 +9,15 @@
 //! `http` block turns on gzip (also for `text/event-stream`) and leaves nginx's default
 //! proxy buffering on: only the shipped file's `gzip off`/`proxy_buffering off` undo that.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where Debian's package installs nginx (`.ci/run` installs `nginx-light`).
-pub const NGINX_BIN: &str = "/usr/sbin/nginx";
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::free_port;
 
 /// How long nginx may take to accept connections.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
@@ -35,14 +38,9 @@ pub struct NginxProc {
 }
 
 impl NginxProc {
-    /// Starts nginx on a free loopback port, proxying to `upstreams`. Panics (naming the
-    /// package to install) if nginx is missing.
-    pub fn start(upstreams: &[SocketAddr]) -> Self {
-        assert!(
-            Path::new(NGINX_BIN).is_file(),
-            "{NGINX_BIN} not found: the proxy tests run real nginx; install it with \
-             `apt-get install nginx-light` (.ci/run does)"
-        );
+    /// Starts the nginx binary `nginx` (see [`tools::nginx`](super::tools::nginx)) on a free
+    /// loopback port, proxying to `upstreams`.
+    pub fn start(nginx: &Path, upstreams: &[SocketAddr]) -> Self {
         let locations = locations_file();
         assert!(locations.is_file(), "{} is missing", locations.display());
         let dir = tempfile::Builder::new()
@@ -51,11 +49,11 @@ impl NginxProc {
             .expect("create temp dir for nginx");
         let mut last_err = String::new();
         for _ in 0..5 {
-            let addr = free_addr();
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             let conf = dir.path().join("nginx.conf");
             std::fs::write(&conf, config(dir.path(), addr, upstreams, &locations))
                 .expect("write nginx.conf");
-            let mut child = Command::new(NGINX_BIN)
+            let mut child = Command::new(nginx)
                 .arg("-p")
                 .arg(dir.path())
                 .arg("-e")
@@ -68,7 +66,7 @@ impl NginxProc {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .unwrap_or_else(|e| panic!("cannot spawn {NGINX_BIN}: {e}"));
+                .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", nginx.display()));
             match wait_listening(&mut child, addr) {
                 Ok(()) => {
                     return NginxProc {
@@ -117,10 +115,9 @@ impl Drop for NginxProc {
             return;
         };
         // SIGTERM lets the master stop its workers; SIGKILL would orphan them.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
         let deadline = Instant::now() + STOP_DEADLINE;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -137,7 +134,7 @@ impl Drop for NginxProc {
 fn config(dir: &Path, addr: SocketAddr, upstreams: &[SocketAddr], locations: &Path) -> String {
     let d = dir.display();
     // As root the workers would run as `nobody`, which cannot enter the private temp dir.
-    let user = if running_as_root() {
+    let user = if nix::unistd::geteuid().is_root() {
         "user root;\n"
     } else {
         ""
@@ -185,19 +182,6 @@ http {{
 ",
         locations = locations.display()
     )
-}
-
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr")
 }
 
 fn wait_listening(child: &mut Child, addr: SocketAddr) -> Result<(), String> {

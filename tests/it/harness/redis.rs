@@ -1,10 +1,15 @@
 //! `RedisProc`: a private `redis-server` on a free loopback port, or the server named by
 //! `REDIS_URL` when that is set (then it cannot be killed or restarted by tests).
+//!
+//! `redis-server` is not optional like the programs in `tools.rs`: without it (and without
+//! `REDIS_URL`) every Redis test fails, saying how to install it.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::free_port;
 
 /// How long a fresh `redis-server` may take to answer PING.
 pub const REDIS_STARTUP_DEADLINE: Duration = Duration::from_secs(10);
@@ -87,19 +92,16 @@ impl RedisProc {
         self.port
     }
 
-    /// True when this is the `REDIS_URL` server (kill/restart impossible).
-    pub fn is_external(&self) -> bool {
-        self.external
-    }
-
-    /// `None` if kill/restart work; otherwise a reason to print when skipping a test.
-    pub fn skip_reason_for_kill(&self) -> Option<String> {
-        self.external.then(|| {
-            format!(
-                "SKIP: REDIS_URL={} is an external server; this test must kill/restart Redis",
+    /// `Ok` if kill/restart work; otherwise why not, for [`tools::require`](super::tools::require).
+    pub fn killable(&self) -> Result<(), String> {
+        if self.external {
+            Err(format!(
+                "REDIS_URL={} is an external server; this test must kill/restart Redis",
                 self.url
-            )
-        })
+            ))
+        } else {
+            Ok(())
+        }
     }
 
     /// Stops the server (SIGKILL). Panics for an external server.
@@ -153,11 +155,6 @@ impl Drop for RedisProc {
     }
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
-
 fn spawn_redis(port: u16, dir: &std::path::Path) -> Result<Child, String> {
     let mut child = Command::new("redis-server")
         .arg("--port")
@@ -174,7 +171,13 @@ fn spawn_redis(port: u16, dir: &std::path::Path) -> Result<Child, String> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("spawn redis-server: {e}"))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "redis-server is not on PATH: the tests start \
+                their own Redis (7 or later); install it (apt-get install redis-server, or \
+                .ci/install-test-deps), or set REDIS_URL to a running one"
+                .to_owned(),
+            _ => format!("spawn redis-server: {e}"),
+        })?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let deadline = Instant::now() + REDIS_STARTUP_DEADLINE;
     loop {
@@ -243,8 +246,7 @@ fn addr_from_url(url: &str) -> Option<SocketAddr> {
 fn redis_proc_starts_answers_ping_and_restarts_on_the_same_port() {
     let mut r = RedisProc::start();
     assert!(r.is_up(), "redis at {} does not answer PING", r.url());
-    if let Some(reason) = r.skip_reason_for_kill() {
-        eprintln!("{reason}");
+    if super::tools::require(r.killable()).is_none() {
         return;
     }
     let port = r.port();

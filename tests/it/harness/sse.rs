@@ -4,7 +4,10 @@
 //!   first checks the `retry: N\n\n` prelude on the raw bytes, then hands the rest of the
 //!   stream to the parser. The parser drops comments, so heartbeats need [`RawSse`].
 //! - [`RawSse`]: the unparsed body, for byte-exact checks (framing, heartbeats, final retry).
-//! - [`Api`]: `POST /api/events`, stats, metrics and arbitrary requests.
+//! - [`SseBlocks`], [`blocks`], [`parse_block`]: a raw body cut into `\n\n`-terminated
+//!   blocks and their fields, written the way the gateway writes them.
+//! - [`Api`]: `POST /api/events`, stats, metrics and arbitrary requests;
+//!   [`assert_json_error`] checks the contract's error body.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -23,8 +26,6 @@ use super::eventually;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time allowed for the `retry:` prelude after the headers.
 pub const PRELUDE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default per-event wait used by tests.
-pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to open `GET /api/events/stream`.
 #[derive(Debug, Default, Clone)]
@@ -88,8 +89,6 @@ pub struct SseEvent {
     pub id: String,
     /// `event:` field; the parser reports `message` when there is none.
     pub event: String,
-    /// Raw `data:` payload.
-    pub data: String,
     /// `data` parsed as JSON (`Value::Null` if it is not JSON).
     pub json: Value,
 }
@@ -142,10 +141,6 @@ type EventStream = Pin<
 
 /// A parsed SSE stream.
 pub struct SseClient {
-    /// Response status.
-    pub status: StatusCode,
-    /// Response headers.
-    pub headers: HeaderMap,
     /// The raw prelude block (`retry: N\n\n`).
     pub prelude: String,
     /// `retry:` value from the prelude.
@@ -226,8 +221,6 @@ impl SseClient {
             .unwrap_or_else(|| panic!("body does not start with `retry: N\\n\\n`: {prelude:?}"));
         let chained = futures::stream::iter([Ok::<Bytes, reqwest::Error>(rest)]).chain(bytes);
         SseClient {
-            status,
-            headers,
             prelude,
             retry_ms,
             stream: Box::pin(chained.eventsource()),
@@ -246,7 +239,6 @@ impl SseClient {
                 let e = SseEvent {
                     id: ev.id,
                     event: ev.event,
-                    data: ev.data,
                     json,
                 };
                 self.received.push(e.clone());
@@ -371,6 +363,90 @@ impl RawSse {
     }
 }
 
+/// Complete `\n\n`-terminated blocks of a raw SSE body, in order (an unterminated tail is
+/// left out).
+pub fn blocks(text: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = text.split("\n\n").collect();
+    out.pop(); // the (possibly empty) unterminated tail
+    out
+}
+
+/// Blocks that are not comments (heartbeats) and not a lone `retry:` hint.
+pub fn event_blocks(text: &str) -> Vec<&str> {
+    blocks(text)
+        .into_iter()
+        .filter(|b| !b.starts_with(':') && !b.starts_with("retry:"))
+        .collect()
+}
+
+/// The fields of one SSE block, read the way the gateway writes them: `name: value` lines
+/// with one space after the colon, and comment lines starting with `:`.
+#[derive(Debug, Clone, Default)]
+pub struct SseBlock {
+    /// The `id: ` line's value.
+    pub id: Option<String>,
+    /// The `data: ` lines' values, joined with `\n`.
+    pub data: Option<String>,
+    /// The `retry: ` line's value.
+    pub retry: Option<u64>,
+    /// Whether the block holds a comment line (a heartbeat).
+    pub comment: bool,
+}
+
+impl SseBlock {
+    /// `data` parsed as JSON; panics if the block has none or it is not JSON.
+    pub fn json(&self) -> Value {
+        let data = self
+            .data
+            .as_deref()
+            .unwrap_or_else(|| panic!("block {self:?} has no `data:` line"));
+        serde_json::from_str(data)
+            .unwrap_or_else(|e| panic!("block {self:?} has no JSON data: {e}"))
+    }
+}
+
+/// Reads the fields of one block (without its terminating blank line).
+pub fn parse_block(block: &str) -> SseBlock {
+    let mut out = SseBlock::default();
+    for line in block.lines() {
+        if line.starts_with(':') {
+            out.comment = true;
+        } else if let Some(id) = line.strip_prefix("id: ") {
+            out.id = Some(id.to_owned());
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            match &mut out.data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(d);
+                }
+                None => out.data = Some(d.to_owned()),
+            }
+        } else if let Some(ms) = line.strip_prefix("retry: ") {
+            out.retry = ms.parse().ok();
+        }
+    }
+    out
+}
+
+/// Cuts a body that arrives in chunks into parsed blocks (the gateway ends lines with `\n`).
+#[derive(Debug, Default)]
+pub struct SseBlocks {
+    buf: Vec<u8>,
+}
+
+impl SseBlocks {
+    /// Adds a chunk; returns the blocks it completed.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<SseBlock> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        while let Some(end) = find(&self.buf, b"\n\n") {
+            let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+            out.push(parse_block(&String::from_utf8_lossy(&block[..end])));
+        }
+        out
+    }
+}
+
 /// HTTP helper for one gateway.
 #[derive(Clone)]
 pub struct Api {
@@ -471,6 +547,20 @@ impl Api {
         (s, t)
     }
 
+    /// Polls `GET /readyz` until it answers `status` (200 ready, 503 not ready).
+    pub async fn wait_readyz(&self, status: StatusCode, timeout: Duration) {
+        let what = format!("{} /readyz to answer {status}", self.base);
+        eventually(&what, timeout, || async move {
+            (self.get("/readyz").await.0 == status).then_some(())
+        })
+        .await
+    }
+
+    /// Polls `GET /readyz` until it answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) {
+        self.wait_readyz(StatusCode::OK, timeout).await
+    }
+
     /// `GET /api/events/stats` as JSON (asserts 200).
     pub async fn stats(&self) -> Value {
         let (status, text) = self.get("/api/events/stats").await;
@@ -521,6 +611,22 @@ impl Api {
     pub async fn metric(&self, name: &str) -> Option<f64> {
         metric_value(&self.metrics().await, name)
     }
+}
+
+/// Asserts an error answer of the contract: status `expected` and a JSON body
+/// `{"error": "<non-empty code>", "message": "<text>"}`.
+pub fn assert_json_error(status: StatusCode, body: &str, expected: StatusCode, what: &str) {
+    assert_eq!(status, expected, "{what}: status {status}, body {body:?}");
+    let v: Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("{what}: error body {body:?} is not JSON: {e}"));
+    assert!(
+        v["error"].as_str().is_some_and(|s| !s.is_empty()),
+        "{what}: error body {body} has no non-empty string `error`"
+    );
+    assert!(
+        v["message"].is_string(),
+        "{what}: error body {body} has no string `message`"
+    );
 }
 
 /// Sum of every sample of `name` in Prometheus text (any labels); `None` if absent.
