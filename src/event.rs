@@ -12,6 +12,9 @@ use serde_json::value::RawValue;
 /// Longest accepted event type, in bytes.
 pub const MAX_TYPE_LEN: usize = 128;
 
+/// Longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+
 /// Position of an event in the shared history, ordered like a Redis stream id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct EventId {

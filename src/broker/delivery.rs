@@ -81,6 +81,14 @@ impl Delivery {
         }
     }
 
+    /// Starts again from `id`, forgetting what was delivered: the backend went back in time
+    /// (it lost its history), so ids it issues next may be older than the last one here.
+    pub fn restart_after(&self, id: EventId) {
+        let mut ring = self.lock();
+        ring.events.clear();
+        ring.last = Some(id);
+    }
+
     /// Forgets the recent events: there is a gap after them that cannot be filled.
     pub fn forget_recent(&self) {
         self.lock().events.clear();
@@ -114,7 +122,11 @@ mod tests {
         assert!(!delivery.deliver(frame(1)));
         assert!(delivery.deliver(frame(3)));
         assert_eq!(delivery.last_delivered(), Some(EventId::new(3, 0)));
-        let held = delivery.with_recent(|ring| ring.after(EventId::new(0, 0), 10).frames.len());
+        let held = delivery.with_recent(|ring| {
+            ring.after(EventId::new(0, 0), crate::broker::Page::events(10))
+                .frames
+                .len()
+        });
         assert_eq!(held, 2);
     }
 

@@ -4,10 +4,45 @@
 -- library also works on Redis Cluster. Loaded by every replica at start-up and again
 -- whenever Redis comes back without it.
 
-local VERSION = 1
+local VERSION = 2
 local MAX_TYPE_LEN = 128
 local MAX_TRACKED_TYPES = 1000
 local IDEMPOTENCY_TTL_MS = 600000
+local MAX_IDEMPOTENCY_KEYS = 100000
+local MAX_IDEMPOTENCY_KEY_LEN = 200
+-- Expired or surplus idempotency keys forgotten per publish; more than one, so the set
+-- shrinks faster than a publish can grow it.
+local IDEMPOTENCY_SWEEP = 100
+
+-- Validation failures read "ERR invalid event: ...": the gateway answers them with 400,
+-- and every other error means "not stored, try again".
+local function bad_event(message)
+  return redis.error_reply('ERR invalid event: ' .. message)
+end
+
+-- Whether s is well-formed UTF-8 (no overlong forms, no surrogates, nothing past U+10FFFF).
+-- ASCII runs are skipped by string.find, which runs in C.
+local function valid_utf8(s)
+  local i = string.find(s, '[\128-\255]')
+  local n = #s
+  while i do
+    local c, c2, c3, c4 = string.byte(s, i, i + 3)
+    local len, lo, hi
+    if c >= 0xC2 and c <= 0xDF then len, lo, hi = 2, 0x80, 0xBF
+    elseif c == 0xE0 then len, lo, hi = 3, 0xA0, 0xBF
+    elseif c == 0xED then len, lo, hi = 3, 0x80, 0x9F
+    elseif c >= 0xE1 and c <= 0xEF then len, lo, hi = 3, 0x80, 0xBF
+    elseif c == 0xF0 then len, lo, hi = 4, 0x90, 0xBF
+    elseif c >= 0xF1 and c <= 0xF3 then len, lo, hi = 4, 0x80, 0xBF
+    elseif c == 0xF4 then len, lo, hi = 4, 0x80, 0x8F
+    else return false end
+    if i + len - 1 > n or c2 < lo or c2 > hi then return false end
+    if len >= 3 and (c3 < 0x80 or c3 > 0xBF) then return false end
+    if len == 4 and (c4 < 0x80 or c4 > 0xBF) then return false end
+    i = string.find(s, '[\128-\255]', i + len)
+  end
+  return true
+end
 
 -- "{ns}:stream" -> "{ns}"
 local function prefix_of(stream_key)
@@ -24,6 +59,25 @@ local function config_number(prefix, field, default)
   return default
 end
 
+-- Forgets idempotency keys older than IDEMPOTENCY_TTL_MS, and the oldest ones beyond
+-- MAX_IDEMPOTENCY_KEYS, a bounded number per call. "{ns}:idem" maps key -> id and
+-- "{ns}:idem:order" orders the keys by the ms of their id.
+local function forget_idempotency_keys(idem_keys, idem_order)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local old = redis.call('ZRANGEBYSCORE', idem_order, '-inf', now - IDEMPOTENCY_TTL_MS,
+    'LIMIT', 0, IDEMPOTENCY_SWEEP)
+  local surplus = redis.call('ZCARD', idem_order) - #old - MAX_IDEMPOTENCY_KEYS + 1
+  if surplus > 0 then
+    local popped = redis.call('ZRANGE', idem_order, #old, #old + math.min(surplus, IDEMPOTENCY_SWEEP) - 1)
+    for _, key in ipairs(popped) do old[#old + 1] = key end
+  end
+  if #old > 0 then
+    redis.call('HDEL', idem_keys, unpack(old))
+    redis.call('ZREM', idem_order, unpack(old))
+  end
+end
+
 -- FCALL eventfabric_publish 1 {ns}:stream <type> <data-json> [<idempotency-key>]
 -- Stores the event in the capped stream, counts it, publishes it live, returns its id.
 local function publish(keys, args)
@@ -31,33 +85,39 @@ local function publish(keys, args)
   local prefix = prefix_of(stream)
   local event_type, data, idem = args[1], args[2], args[3]
   if not event_type or event_type == '' then
-    return redis.error_reply('ERR type must not be empty')
+    return bad_event('type must not be empty')
   end
   if #event_type > MAX_TYPE_LEN then
-    return redis.error_reply('ERR type is longer than ' .. MAX_TYPE_LEN .. ' characters')
+    return bad_event('type is longer than ' .. MAX_TYPE_LEN .. ' characters')
   end
   if not string.match(event_type, '^[%w_%.:%-]+$') then
-    return redis.error_reply("ERR type may contain only letters, digits, '_', '.', ':' and '-'")
+    return bad_event("type may contain only letters, digits, '_', '.', ':' and '-'")
   end
   if data == nil or data == '' then data = 'null' end
   local max_bytes = config_number(prefix, 'max_event_bytes', 65536)
   if #data + #event_type > max_bytes then
-    return redis.error_reply('ERR event exceeds ' .. max_bytes .. ' bytes')
+    return bad_event('event exceeds ' .. max_bytes .. ' bytes')
   end
   cjson.decode_invalid_numbers(false)
-  if not pcall(cjson.decode, data) then
-    return redis.error_reply('ERR data is not valid JSON')
+  if not valid_utf8(data) or not pcall(cjson.decode, data) then
+    return bad_event('data is not valid UTF-8 JSON')
   end
-  local idem_key = nil
+  local idem_keys, idem_order = nil, nil
   if idem and idem ~= '' then
-    idem_key = prefix .. ':idem:' .. idem
-    local earlier = redis.call('GET', idem_key)
+    if #idem > MAX_IDEMPOTENCY_KEY_LEN then
+      return bad_event('idempotency key is longer than ' .. MAX_IDEMPOTENCY_KEY_LEN .. ' bytes')
+    end
+    idem_keys, idem_order = prefix .. ':idem', prefix .. ':idem:order'
+    forget_idempotency_keys(idem_keys, idem_order)
+    local earlier = redis.call('HGET', idem_keys, idem)
     if earlier then return earlier end
   end
   local history = config_number(prefix, 'history', 10000)
   local id = redis.call('XADD', stream, 'MAXLEN', '~', history, '*', 'type', event_type, 'data', data)
-  if idem_key then
-    redis.call('SET', idem_key, id, 'PX', IDEMPOTENCY_TTL_MS)
+  local ms = string.match(id, '^(%d+)-')
+  if idem_keys then
+    redis.call('HSET', idem_keys, idem, id)
+    redis.call('ZADD', idem_order, ms, idem)
   end
   local stats = prefix .. ':stats'
   redis.call('HINCRBY', stats, 'total', 1)
@@ -67,9 +127,9 @@ local function publish(keys, args)
   else
     redis.call('HINCRBY', stats, 'type:_other', 1)
   end
-  local ms = string.match(id, '^(%d+)-')
-  redis.call('PUBLISH', prefix .. ':events',
-    '{"type":"' .. event_type .. '","data":' .. data .. ',"id":"' .. id .. '","ts":' .. ms .. '}')
+  -- A doorbell, not the event: replicas read what is new from the stream, so an id comes
+  -- only from the stream and no message on the channel can claim one.
+  redis.call('PUBLISH', prefix .. ':events', id)
   return id
 end
 
@@ -80,27 +140,35 @@ local function id_less(a, b)
   return am < bm or (am == bm and as < bs)
 end
 
--- FCALL_RO eventfabric_replay 1 {ns}:stream <after-id> <count>
--- Returns {truncated, entries}: entries after <after-id>; truncated is 1 when events after
--- <after-id> may have been trimmed away.
-local function replay(keys, args)
-  local stream, after, count = keys[1], args[1], tonumber(args[2]) or 100
-  if not string.match(after, '^%d+%-%d+$') then
+-- FCALL_RO eventfabric_position 1 {ns}:stream <after-id>
+-- Whether a reader that has everything up to <after-id> can be brought up to date from the
+-- stream: 0 when it can, 1 when events after <after-id> may have been trimmed away, 2 when
+-- <after-id> is not an id this stream gave (newer than any it ever gave, or there is no
+-- stream: Redis lost it). "0-0" is the start of any stream and always 0. The reader then
+-- reads the entries with XRANGE itself: returning them through Lua would copy each one
+-- twice more inside Redis.
+local function position(keys, args)
+  local stream, after = keys[1], args[1]
+  if not after or not string.match(after, '^%d+%-%d+$') then
     return redis.error_reply('ERR invalid id')
   end
+  local from_start = after == '0-0'
   if redis.call('EXISTS', stream) == 0 then
-    return {0, {}}
+    if from_start then return 0 end
+    return 2
   end
   local info = redis.call('XINFO', 'STREAM', stream)
   local fields = {}
   for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
-  local truncated = 0
+  if not from_start and id_less(fields['last-generated-id'], after) then
+    return 2
+  end
   local first = fields['first-entry']
   if first and first ~= false and id_less(after, first[1])
      and tonumber(fields['entries-added']) > tonumber(fields['length']) then
-    truncated = 1
+    return 1
   end
-  return {truncated, redis.call('XRANGE', stream, '(' .. after, '+', 'COUNT', count)}
+  return 0
 end
 
 -- FCALL eventfabric_heartbeat 1 {ns}:stream <replica-id> <clients> <ttl-ms>
@@ -144,7 +212,7 @@ local function version()
 end
 
 redis.register_function('eventfabric_publish', publish)
-redis.register_function{function_name = 'eventfabric_replay', callback = replay, flags = {'no-writes'}}
+redis.register_function{function_name = 'eventfabric_position', callback = position, flags = {'no-writes'}}
 redis.register_function('eventfabric_heartbeat', heartbeat)
 redis.register_function('eventfabric_leave', leave)
 redis.register_function('eventfabric_stats', stats)

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::Page;
 use crate::event::EventId;
 use crate::sse::Frame;
 
@@ -88,24 +89,30 @@ impl HistoryRing {
     }
 
     /// Whether the ring can answer for everything after `after`: it holds an event at or
-    /// before `after`, so nothing between `after` and its first event is missing.
+    /// before `after`, so nothing between `after` and its first event is missing, and
+    /// `after` is not newer than its newest event (an id from the future is not ours to
+    /// vouch for).
     pub fn covers(&self, after: EventId) -> bool {
-        self.frames
-            .front()
-            .and_then(|f| f.id)
-            .is_some_and(|first| first <= after)
+        let first = self.frames.front().and_then(|f| f.id);
+        first.is_some_and(|first| first <= after)
+            && self.newest().is_some_and(|newest| after <= newest)
     }
 
-    /// Held events after `after`, at most `limit`.
-    pub fn after(&self, after: EventId, limit: usize) -> RingSlice {
+    /// Held events after `after`, as many as fit in `page`.
+    pub fn after(&self, after: EventId, page: Page) -> RingSlice {
         let start = self
             .frames
             .partition_point(|f| f.id.is_some_and(|id| id <= after));
+        let mut bytes = 0;
         let frames: Vec<_> = self
             .frames
             .iter()
             .skip(start)
-            .take(limit)
+            .take(page.events)
+            .take_while(|frame| {
+                bytes += frame.bytes.len();
+                bytes <= page.bytes || bytes == frame.bytes.len()
+            })
             .cloned()
             .collect();
         let more = self.frames.len() - start > frames.len();
@@ -128,11 +135,32 @@ mod tests {
         for ms in 1..=5 {
             ring.push(&frame(ms));
         }
-        let slice = ring.after(EventId::new(2, 0), 2);
+        let slice = ring.after(EventId::new(2, 0), Page::events(2));
         let ids: Vec<_> = slice.frames.iter().map(|f| f.id.unwrap().ms).collect();
         assert_eq!(ids, [3, 4]);
         assert!(slice.more);
-        assert!(!ring.after(EventId::new(3, 0), 10).more);
+        assert!(!ring.after(EventId::new(3, 0), Page::events(10)).more);
+    }
+
+    #[test]
+    fn pages_are_bounded_in_bytes_but_always_make_progress() {
+        let mut ring = HistoryRing::new(10);
+        for ms in 1..=5 {
+            ring.push(&Frame::with_bytes(
+                Some(EventId::new(ms, 0)),
+                "t",
+                Bytes::from(vec![b'x'; 100]),
+            ));
+        }
+        let page = |bytes| Page { events: 10, bytes };
+        let ids = |slice: RingSlice| -> Vec<u64> {
+            slice.frames.iter().map(|f| f.id.unwrap().ms).collect()
+        };
+        assert_eq!(ids(ring.after(EventId::new(0, 0), page(250))), [1, 2]);
+        assert!(ring.after(EventId::new(0, 0), page(250)).more);
+        // One event larger than the budget still goes out, alone.
+        assert_eq!(ids(ring.after(EventId::new(0, 0), page(10))), [1]);
+        assert_eq!(ids(ring.after(EventId::new(3, 0), page(1000))), [4, 5]);
     }
 
     #[test]
@@ -143,7 +171,11 @@ mod tests {
         }
         assert!(!ring.covers(EventId::new(2, 0)));
         assert!(ring.covers(EventId::new(3, 0)));
-        assert!(ring.covers(EventId::new(9, 0)));
+        assert!(ring.covers(EventId::new(5, 0)));
+        assert!(
+            !ring.covers(EventId::new(9, 0)),
+            "an id newer than any held"
+        );
         assert!(ring.dropped_after(EventId::new(1, 0)));
         assert!(!ring.dropped_after(EventId::new(2, 0)));
     }
@@ -159,7 +191,7 @@ mod tests {
             ));
         }
         let ids: Vec<_> = ring
-            .after(EventId::new(0, 0), 10)
+            .after(EventId::new(0, 0), Page::events(10))
             .frames
             .iter()
             .map(|f| f.id.unwrap().ms)
@@ -178,7 +210,12 @@ mod tests {
             event_type: None,
             bytes: Bytes::new(),
         }));
-        assert_eq!(ring.after(EventId::new(0, 0), 10).frames.len(), 1);
+        assert_eq!(
+            ring.after(EventId::new(0, 0), Page::events(10))
+                .frames
+                .len(),
+            1
+        );
         ring.clear();
         assert_eq!(ring.newest(), None);
     }

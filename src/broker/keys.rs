@@ -17,6 +17,10 @@ pub struct Keys {
     pub replicas: String,
     /// When each replica's entry in `replicas` expires (a sorted set): `{ns}:replicas:expiry`.
     pub replicas_expiry: String,
+    /// Idempotency key -> the id its first publish got (a hash): `{ns}:idem`.
+    pub idempotency_keys: String,
+    /// The same keys ordered by age, so the oldest are forgotten first: `{ns}:idem:order`.
+    pub idempotency_order: String,
     prefix: String,
 }
 
@@ -31,6 +35,8 @@ impl Keys {
             stats: format!("{prefix}:stats"),
             replicas: format!("{prefix}:replicas"),
             replicas_expiry: format!("{prefix}:replicas:expiry"),
+            idempotency_keys: format!("{prefix}:idem"),
+            idempotency_order: format!("{prefix}:idem:order"),
             prefix,
         }
     }
@@ -38,11 +44,6 @@ impl Keys {
     /// The channel on which a replica's readiness canary travels.
     pub fn canary(&self, replica_id: &str) -> String {
         format!("{}:canary:{replica_id}", self.prefix)
-    }
-
-    /// The key remembering the id a publish with `idempotency_key` got (ten minutes).
-    pub fn idempotency(&self, idempotency_key: &str) -> String {
-        format!("{}:idem:{idempotency_key}", self.prefix)
     }
 
     /// Every name this namespace uses, each with a placeholder where a name has a variable
@@ -60,8 +61,9 @@ impl Keys {
             self.stats.clone(),
             self.replicas.clone(),
             self.replicas_expiry.clone(),
+            self.idempotency_keys.clone(),
+            self.idempotency_order.clone(),
             self.canary("<replica>"),
-            self.idempotency("<key>"),
         ]
     }
 }

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeSet;
 
-use super::IDEMPOTENCY_TTL_MS;
 use super::keys::Keys;
 use super::redis::{FUNCTION_LIBRARY, LIBRARY_VERSION};
+use super::{IDEMPOTENCY_TTL_MS, MAX_IDEMPOTENCY_KEYS};
 use crate::config::{DEFAULT_HISTORY, DEFAULT_MAX_EVENT_BYTES};
 use crate::event::MAX_TYPE_LEN;
 use crate::metrics::MAX_TRACKED_TYPES;
@@ -68,6 +68,14 @@ fn limits_match_the_rust_side() {
         lua_constant("IDEMPOTENCY_TTL_MS"),
         IDEMPOTENCY_TTL_MS as i64
     );
+    assert_eq!(
+        lua_constant("MAX_IDEMPOTENCY_KEYS"),
+        MAX_IDEMPOTENCY_KEYS as i64
+    );
+    assert_eq!(
+        lua_constant("MAX_IDEMPOTENCY_KEY_LEN"),
+        crate::event::MAX_IDEMPOTENCY_KEY_LEN as i64
+    );
     assert_eq!(lua_config_default("history"), DEFAULT_HISTORY as i64);
     assert_eq!(
         lua_config_default("max_event_bytes"),
@@ -116,7 +124,8 @@ fn the_parsers_see_what_they_claim() {
         ":events",
         ":replicas",
         ":replicas:expiry",
-        ":idem:<var>",
+        ":idem",
+        ":idem:order",
     ] {
         assert!(
             names.contains(expected),

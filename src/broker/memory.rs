@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::value::RawValue;
 
 use super::delivery::Delivery;
-use super::{IDEMPOTENCY_TTL_MS, Replay};
+use super::{IDEMPOTENCY_TTL_MS, MAX_IDEMPOTENCY_KEYS, Page, Replay};
 use crate::event::{EventId, IdGenerator};
 use crate::sse::Frame;
 
@@ -19,10 +19,6 @@ pub(crate) struct MemoryBroker {
     /// Ids below this were handed out by an earlier process, whose history is gone.
     epoch: EventId,
 }
-
-/// Most idempotency keys remembered at once; the oldest are forgotten first, so a producer
-/// sending a fresh key with every event cannot grow memory without bound.
-const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
 
 #[derive(Debug)]
 struct State {
@@ -87,14 +83,22 @@ impl MemoryBroker {
         id
     }
 
-    /// Retained events after `after`, oldest first, at most `limit`.
-    pub fn replay(&self, after: EventId, limit: usize) -> Replay {
+    /// Retained events after `after`, oldest first, as many as fit in `page`. An id
+    /// from before this process started, or newer than any it issued, is truncated: the
+    /// client cannot be brought up to date from here.
+    pub fn replay(&self, after: EventId, page: Page) -> Replay {
         self.delivery.with_recent(|history| {
-            let slice = history.after(after, limit);
+            let slice = history.after(after, page);
+            let unknown =
+                after < self.epoch || history.newest().is_none_or(|newest| after > newest);
             Replay {
+                next: slice
+                    .more
+                    .then(|| slice.frames.last().and_then(|f| f.id))
+                    .flatten(),
+                truncated: unknown || history.dropped_after(after),
+                unknown_id: unknown,
                 frames: slice.frames,
-                truncated: after < self.epoch || history.dropped_after(after),
-                more: slice.more,
             }
         })
     }
@@ -121,10 +125,10 @@ mod tests {
         let ids: Vec<_> = (0..10)
             .map(|_| broker.publish("t", &data(), None))
             .collect();
-        let replay = broker.replay(ids[3], 100);
+        let replay = broker.replay(ids[3], Page::events(100));
         let got: Vec<_> = replay.frames.iter().map(|f| f.id.unwrap()).collect();
         assert_eq!(got, ids[4..]);
-        assert!(!replay.truncated && !replay.more);
+        assert!(!replay.truncated && replay.next.is_none());
     }
 
     #[test]
@@ -133,9 +137,9 @@ mod tests {
         let ids: Vec<_> = (0..10)
             .map(|_| broker.publish("t", &data(), None))
             .collect();
-        let replay = broker.replay(ids[0], 4);
+        let replay = broker.replay(ids[0], Page::events(4));
         assert_eq!(replay.frames.len(), 4);
-        assert!(replay.more);
+        assert_eq!(replay.next, Some(ids[4]));
         assert_eq!(replay.frames[0].id, Some(ids[1]));
     }
 
@@ -145,9 +149,9 @@ mod tests {
         let ids: Vec<_> = (0..20)
             .map(|_| broker.publish("t", &data(), None))
             .collect();
-        assert!(broker.replay(ids[0], 100).truncated);
-        assert!(!broker.replay(ids[15], 100).truncated);
-        assert_eq!(broker.replay(ids[15], 100).frames.len(), 4);
+        assert!(broker.replay(ids[0], Page::events(100)).truncated);
+        assert!(!broker.replay(ids[15], Page::events(100)).truncated);
+        assert_eq!(broker.replay(ids[15], Page::events(100)).frames.len(), 4);
     }
 
     #[test]
@@ -158,12 +162,35 @@ mod tests {
         let other = broker.publish("t", &data(), Some("k2"));
         assert_eq!(first, again);
         assert_ne!(first, other);
-        assert_eq!(broker.replay(EventId::new(0, 0), 100).frames.len(), 2);
+        assert_eq!(
+            broker
+                .replay(EventId::new(0, 0), Page::events(100))
+                .frames
+                .len(),
+            2
+        );
     }
 
     #[test]
     fn ids_from_before_this_process_are_truncated() {
         let broker = broker(5);
-        assert!(broker.replay(EventId::new(1, 0), 100).truncated);
+        assert!(
+            broker
+                .replay(EventId::new(1, 0), Page::events(100))
+                .truncated
+        );
+    }
+
+    #[test]
+    fn ids_newer_than_any_issued_are_truncated() {
+        let broker = broker(5);
+        let forged = EventId::new(99_999_999_999_999, 0);
+        assert!(
+            broker.replay(forged, Page::events(100)).truncated,
+            "before any event"
+        );
+        let newest = broker.publish("t", &data(), None);
+        assert!(!broker.replay(newest, Page::events(100)).truncated);
+        assert!(broker.replay(forged, Page::events(100)).truncated);
     }
 }

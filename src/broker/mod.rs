@@ -41,12 +41,42 @@ use redis::RedisBroker;
 use reporter::StatsReporter;
 use subscriber::Subscriber;
 
-/// Largest number of events fetched from history in one step of a replay.
-pub(crate) const REPLAY_PAGE: usize = 500;
+/// How much history one replay step reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Page {
+    /// Most events.
+    pub events: usize,
+    /// Most bytes of events, except that a page always holds at least one event.
+    pub bytes: usize,
+}
+
+impl Page {
+    /// A page bounded by its number of events alone.
+    #[cfg(test)]
+    pub fn events(events: usize) -> Self {
+        Self {
+            events,
+            bytes: usize::MAX,
+        }
+    }
+}
+
+/// One step of a replay: a client that does not read holds at most one such page (the
+/// next is read only once its socket took this one), so a resume storm over large events
+/// costs `clients x bytes`, not `clients x events x largest event`.
+pub(crate) const REPLAY_PAGE: Page = Page {
+    events: 500,
+    bytes: 1024 * 1024,
+};
 
 /// How long an idempotency key is remembered (`IDEMPOTENCY_TTL_MS` in the function
 /// library, too).
 pub(crate) const IDEMPOTENCY_TTL_MS: u64 = 600_000;
+
+/// Most idempotency keys remembered at once, by either backend; past it the oldest are
+/// forgotten first, so a producer with a new key per event cannot grow memory without
+/// bound (`MAX_IDEMPOTENCY_KEYS` in the function library, too).
+pub(crate) const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
 
 /// Why the broker could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,10 +94,16 @@ pub enum Error {
 pub(crate) struct Replay {
     /// Retained events after the requested id, oldest first.
     pub frames: Vec<Arc<Frame>>,
-    /// Some events after the requested id are no longer retained.
+    /// Some events after the requested id are no longer retained, or the id is not one
+    /// this fabric issued: the client cannot be brought up to date.
     pub truncated: bool,
-    /// More events may follow the last one returned; ask again from its id.
-    pub more: bool,
+    /// The id is not one the backend issued (newer than any, or the backend lost its
+    /// history): a client sent it, or the backend went back in time.
+    pub unknown_id: bool,
+    /// Where the next step starts when more events may follow. It is the id of the last
+    /// entry read, which need not be the last frame's: an entry that cannot be decoded is
+    /// skipped, and the replay goes on past it.
+    pub next: Option<EventId>,
 }
 
 /// Client and event counts of a whole fabric: every live replica of a namespace with
@@ -136,7 +172,7 @@ impl Broker {
         replica_id: Arc<str>,
     ) -> Result<Self, Error> {
         let delivery = Arc::new(Delivery::new(ring_capacity(settings.history), hub));
-        let redis = RedisBroker::new(settings, Arc::clone(&delivery))?;
+        let redis = RedisBroker::new(settings, Arc::clone(&delivery), Arc::clone(&metrics))?;
         let backend = Backend::Redis(Arc::new(redis));
         Ok(Self::with_backend(backend, delivery, metrics, replica_id))
     }
@@ -198,11 +234,12 @@ impl Broker {
         }
     }
 
-    /// Retained events after `after`, at most `limit`.
-    pub async fn replay(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
+    /// Retained events after `after`, as many as fit in `page`. `truncated` is asked for
+    /// only with `check` (a reader's first page); without it, it may be left false.
+    pub async fn replay(&self, after: EventId, page: Page, check: bool) -> Result<Replay, Error> {
         match &self.inner.backend {
-            Backend::Memory(broker) => Ok(broker.replay(after, limit)),
-            Backend::Redis(broker) => broker.replay(after, limit).await,
+            Backend::Memory(broker) => Ok(broker.replay(after, page)),
+            Backend::Redis(broker) => broker.replay(after, page, check).await,
         }
     }
 

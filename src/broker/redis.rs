@@ -5,8 +5,8 @@
 //! fast with [`Error::Unavailable`] (never a success for an event that was not stored);
 //! when Redis comes back without the library, it is loaded again on first use.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
@@ -14,8 +14,9 @@ use serde_json::value::RawValue;
 
 use super::delivery::Delivery;
 use super::keys::Keys;
-use super::{ClusterStats, Error, Replay, ReplicaStats};
+use super::{ClusterStats, Error, Page, Replay, ReplicaStats};
 use crate::event::{self, EventId, unix_ms};
+use crate::metrics::Metrics;
 use crate::sse::Frame;
 
 /// The Function library, loaded into Redis by every replica.
@@ -23,13 +24,18 @@ pub(crate) const FUNCTION_LIBRARY: &str = include_str!("functions.lua");
 
 /// Version the library above declares (`VERSION` in it); an older loaded library is
 /// replaced.
-pub(crate) const LIBRARY_VERSION: i64 = 1;
+pub(crate) const LIBRARY_VERSION: i64 = 2;
 
 /// How long a command may wait for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long one Redis command may take before the caller is told Redis is unavailable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Client replays read from Redis at once. The pool has 16 connections: replays never take
+/// more than these, so a resume storm leaves the rest to publishes and the subscriber, and
+/// at most this many pages are being decoded at any moment. Further resumes wait their turn.
+const REDIS_REPLAYS: usize = 4;
 
 /// How long a replica counts as alive after its last heartbeat.
 pub const REPLICA_TTL: Duration = Duration::from_secs(10);
@@ -96,12 +102,20 @@ pub(crate) struct RedisBroker {
     /// resumes that fall inside it (the usual case, even for a storm of clients moving
     /// from a dead replica) are answered from memory instead of Redis.
     delivery: Arc<Delivery>,
+    /// The budget of client replays served from Redis.
+    replays: tokio::sync::Semaphore,
+    /// Stream entries that cannot be turned into events are skipped and counted.
+    bad_entries: BadEntries,
 }
 
 impl RedisBroker {
     /// Prepares a broker that delivers into `delivery`; no connection is made until it is
     /// used, so a gateway starts even while Redis is down.
-    pub fn new(settings: RedisSettings, delivery: Arc<Delivery>) -> Result<Self, Error> {
+    pub fn new(
+        settings: RedisSettings,
+        delivery: Arc<Delivery>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, Error> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| Error::Rejected(format!("invalid Redis URL: {e}")))?;
         let mut config = deadpool_redis::Config::from_url(settings.url.clone());
@@ -122,6 +136,11 @@ impl RedisBroker {
             delivery,
             settings,
             status: Arc::new(SubscriptionStatus::default()),
+            replays: tokio::sync::Semaphore::new(REDIS_REPLAYS),
+            bad_entries: BadEntries {
+                metrics,
+                newest_seen: Mutex::new(None),
+            },
         })
     }
 
@@ -200,40 +219,90 @@ impl RedisBroker {
         &self.delivery
     }
 
-    /// Stored events after `after`, at most `limit`, encoded as frames: from this
-    /// replica's memory when it holds everything after `after`, else from the stream.
-    pub async fn replay(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
+    /// Stored events after `after`, as many as fit in `page`, encoded as frames: from
+    /// this replica's memory when it holds everything after `after`, else from the stream
+    /// within the replay budget. Whether the reader can be brought up to date at all is
+    /// asked only with `check` (a reader's first page; later pages follow on from it).
+    pub async fn replay(&self, after: EventId, page: Page, check: bool) -> Result<Replay, Error> {
         let recent = self.delivery.with_recent(|recent| {
             recent.covers(after).then(|| {
-                let slice = recent.after(after, limit);
+                let slice = recent.after(after, page);
                 Replay {
+                    next: slice
+                        .more
+                        .then(|| slice.frames.last().and_then(|f| f.id))
+                        .flatten(),
                     frames: slice.frames,
                     truncated: false,
-                    more: slice.more,
+                    unknown_id: false,
                 }
             })
         });
-        match recent {
-            Some(replay) => Ok(replay),
-            None => self.replay_from_stream(after, limit).await,
+        if let Some(replay) = recent {
+            return Ok(replay);
         }
+        let _turn = self
+            .replays
+            .acquire()
+            .await
+            .map_err(|_| Error::Unavailable("the broker is shutting down".to_owned()))?;
+        self.read_stream(after, None, page, check).await
     }
 
-    /// Stored events after `after`, read from the stream in Redis.
-    pub async fn replay_from_stream(&self, after: EventId, limit: usize) -> Result<Replay, Error> {
-        let mut call = self.library_call("FCALL_RO", "eventfabric_replay");
-        call.arg(after.to_string()).arg(limit);
-        let (truncated, entries): (i64, Vec<(String, Vec<String>)>) =
-            self.call_with_library(&call).await?;
-        let more = entries.len() >= limit;
-        let frames = entries
-            .into_iter()
-            .filter_map(|(id, fields)| stored_frame(&id, &fields))
-            .collect();
+    /// Stored events after `after` (up to `until`, when given), read from the stream in
+    /// Redis (no budget: the subscriber's own reads must not wait behind clients' replays).
+    /// A page holds at most `page.bytes / max_event_bytes` entries, so it never holds more
+    /// than `page.bytes` of events whatever their size.
+    pub async fn read_stream(
+        &self,
+        after: EventId,
+        until: Option<EventId>,
+        page: Page,
+        check: bool,
+    ) -> Result<Replay, Error> {
+        let fit = usize::try_from(self.settings.max_event_bytes.max(1))
+            .map_or(1, |largest| page.bytes / largest);
+        let count = fit.clamp(1, page.events.max(1));
+        let mut range = redis::cmd("XRANGE");
+        range
+            .arg(&self.keys.stream)
+            .arg(format!("({after}"))
+            .arg(until.map_or_else(|| "+".to_owned(), |id| id.to_string()))
+            .arg("COUNT")
+            .arg(count);
+        let entries: Vec<(String, Vec<Vec<u8>>)> = {
+            let mut conn = self.connection().await?;
+            bounded(range.query_async(&mut *conn)).await?
+        };
+        // Asked after the read: trimming only moves forward, so a position that is still
+        // known now was known when the entries were read.
+        let position = if check {
+            let mut call = self.library_call("FCALL_RO", "eventfabric_position");
+            call.arg(after.to_string());
+            self.call_with_library::<i64>(&call).await?
+        } else {
+            0
+        };
+        let more = entries.len() >= count;
+        let mut next = None;
+        let mut frames = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let Ok(id) = id.parse::<EventId>() else {
+                self.bad_entries
+                    .record(None, "an id that is not <ms>-<seq>");
+                continue;
+            };
+            next = Some(id);
+            match stored_frame(id, &fields) {
+                Ok(frame) => frames.push(frame),
+                Err(reason) => self.bad_entries.record(Some(id), reason),
+            }
+        }
         Ok(Replay {
             frames,
-            truncated: truncated == 1,
-            more,
+            truncated: position != 0,
+            unknown_id: position == 2,
+            next: if more { next } else { None },
         })
     }
 
@@ -361,22 +430,53 @@ async fn load_library(conn: &mut deadpool_redis::Connection) -> Result<(), Error
     Ok(())
 }
 
-/// Builds the frame of a stored stream entry (`type` and `data` fields).
-fn stored_frame(id: &str, fields: &[String]) -> Option<Arc<Frame>> {
-    let id: EventId = id.parse().ok()?;
+/// Builds the frame of a stored stream entry (`type` and `data` fields), or says why the
+/// entry is not an event. Entries come from anyone who can `XADD`: nothing is trusted.
+fn stored_frame(id: EventId, fields: &[Vec<u8>]) -> Result<Arc<Frame>, &'static str> {
     let mut event_type = None;
     let mut data = None;
     for pair in fields.chunks_exact(2) {
-        match pair[0].as_str() {
-            "type" => event_type = Some(pair[1].as_str()),
-            "data" => data = Some(pair[1].as_str()),
+        match pair[0].as_slice() {
+            b"type" => event_type = Some(pair[1].as_slice()),
+            b"data" => data = Some(pair[1].as_slice()),
             _ => {}
         }
     }
-    let event_type = event_type?;
-    let data = RawValue::from_string(data.unwrap_or("null").to_owned()).ok()?;
-    event::validate_type(event_type).ok()?;
-    Some(Frame::event(event_type, &data, Some(id), id.ms))
+    let event_type = std::str::from_utf8(event_type.ok_or("no type field")?)
+        .map_err(|_| "a type that is not UTF-8")?;
+    event::validate_type(event_type).map_err(|_| "an invalid type")?;
+    let data =
+        std::str::from_utf8(data.unwrap_or(b"null")).map_err(|_| "data that is not UTF-8")?;
+    let data = RawValue::from_string(data.to_owned()).map_err(|_| "data that is not JSON")?;
+    Ok(Frame::event(event_type, &data, Some(id), id.ms))
+}
+
+/// Counts and logs stream entries that are not events, each once: replays and gap fills
+/// read entries in id order, so remembering the newest one reported is enough.
+#[derive(Debug)]
+struct BadEntries {
+    metrics: Arc<Metrics>,
+    newest_seen: Mutex<Option<EventId>>,
+}
+
+impl BadEntries {
+    fn record(&self, id: Option<EventId>, reason: &'static str) {
+        {
+            let mut newest = self.newest_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(id) = id {
+                if newest.is_some_and(|seen| id <= seen) {
+                    return;
+                }
+                *newest = Some(id);
+            }
+        }
+        self.metrics.bad_messages.inc();
+        tracing::warn!(
+            id = ?id.map(|id| id.to_string()),
+            reason,
+            "skipped a stored entry that is not an event"
+        );
+    }
 }
 
 /// Server replies to a bad request are rejections; everything else means Redis is not

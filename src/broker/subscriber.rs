@@ -1,15 +1,26 @@
 //! The replica's one pub/sub connection, owned by one task, feeding the delivery path.
 //!
-//! Pub/sub is fire-and-forget: anything published while the connection is down is gone
-//! from the channel. So after every (re)subscription the task reads the stream from the
-//! newest id it delivered before going live again; the delivery path refuses anything not
-//! newer than that id, so clients see neither a gap nor a duplicate at the seam.
+//! Ids come from the stream alone. The function library stores an event and then rings a
+//! doorbell on the channel (the payload is just the new id); on a doorbell the task reads
+//! the stream after the newest id it delivered, and delivers what it finds. Anyone who can
+//! `PUBLISH` can ring the doorbell, but all that does is cause a read: no message on the
+//! channel can claim an id or move this replica's notion of "last delivered". A plain
+//! `PUBLISH` of an event object is delivered live as fire-and-forget, without an id (an
+//! `id` field in it is ignored).
+//!
+//! Pub/sub is fire-and-forget too: anything published while the connection is down is gone
+//! from the channel. The same read after every (re)subscription fills that gap; the
+//! delivery path refuses anything not newer than the last id, so clients see neither a gap
+//! nor a duplicate at the seam. Doorbells that have already arrived are answered by one
+//! read, so a burst costs a few reads, not one per event; a read goes no further than the
+//! newest doorbell taken, so an event stored later cannot overtake a fire-and-forget
+//! event that was published before it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -21,10 +32,16 @@ use crate::event::{self, EventId, unix_ms};
 use crate::metrics::Metrics;
 use crate::sse::{self, Frame};
 
-/// First reconnect delay; doubled after each failure up to [`MAX_BACKOFF`], with jitter.
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Shortest pause before any reconnect, so nothing reconnects more than four times a
+/// second; doubled after each quick failure up to [`MAX_BACKOFF`], with jitter.
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A subscription that lasted this long earns a reconnect at [`MIN_BACKOFF`] again.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// Most messages taken while a doorbell waits for its read, so a flood on the channel
+/// cannot hold stored events back.
+const MAX_WAITING: usize = 1024;
 /// How long connecting and subscribing may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// With no canary for this long, the subscription is presumed wedged and rebuilt.
@@ -42,64 +59,113 @@ pub(crate) struct Subscriber {
 }
 
 impl Subscriber {
-    /// Runs the subscriber until `shutdown` fires.
+    /// Runs the subscriber until `shutdown` fires. Every way a subscription can end (a
+    /// failed connect, a failed read of the stream, a closed or wedged connection) goes
+    /// through the same backoff.
     pub async fn run(self, shutdown: CancellationToken) {
         let canary_channel = self.broker.keys().canary(&self.replica_id);
         let mut backoff = MIN_BACKOFF;
         let mut bad = BadMessageLog::default();
         while !shutdown.is_cancelled() {
-            let session = tokio::select! {
+            let began = tokio::time::Instant::now();
+            let ended = self
+                .subscription(&canary_channel, &mut bad, &shutdown)
+                .await;
+            self.broker.status.set_subscribed(false);
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if began.elapsed() >= HEALTHY_AFTER {
+                backoff = MIN_BACKOFF;
+            }
+            let wait = jitter(backoff);
+            tracing::warn!(error = %ended, retry_in_ms = wait.as_millis() as u64, "Redis subscription ended");
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::select! {
                 _ = shutdown.cancelled() => break,
-                session = self.subscribe(&canary_channel) => session,
-            };
-            let mut messages = match session {
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        self.broker.status.set_subscribed(false);
+    }
+
+    /// One subscription, from connecting to its end; returns why it ended (a clean
+    /// shutdown returns too, and the caller checks the token).
+    async fn subscription(
+        &self,
+        canary_channel: &str,
+        bad: &mut BadMessageLog,
+        shutdown: &CancellationToken,
+    ) -> Error {
+        let mut messages = tokio::select! {
+            _ = shutdown.cancelled() => return Error::Unavailable("shutting down".to_owned()),
+            session = self.subscribe(canary_channel) => match session {
                 Ok(messages) => messages,
-                Err(error) => {
-                    self.broker.status.set_subscribed(false);
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "Redis subscription failed");
-                    let wait = jitter(backoff);
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(wait) => continue,
+                Err(error) => return error,
+            },
+        };
+        if let Err(error) = self.read_new(None).await {
+            return error;
+        }
+        self.broker.status.set_subscribed(true);
+        tracing::info!(channel = %self.broker.keys().events, resumed_after = ?self.broker.delivery().last_delivered().map(|id| id.to_string()), "subscribed to Redis");
+        let mut watchdog = tokio::time::interval(Duration::from_secs(1));
+        let subscribed_at = tokio::time::Instant::now();
+        // The newest doorbell not yet answered by a read. Reads wait until nothing more has
+        // already arrived, so one read answers a burst; a fire-and-forget event waits for
+        // the read of any doorbell rung before it, so the channel's order is kept.
+        let mut rung: Option<EventId> = None;
+        let mut waiting = 0usize;
+        loop {
+            let message = if let Some(until) = rung {
+                let arrived = if waiting < MAX_WAITING {
+                    messages.next().now_or_never()
+                } else {
+                    None
+                };
+                waiting += 1;
+                match arrived {
+                    Some(message) => message,
+                    None => {
+                        if let Err(error) = self.read_new(Some(until)).await {
+                            return error;
+                        }
+                        rung = None;
+                        waiting = 0;
+                        continue;
                     }
                 }
-            };
-            backoff = MIN_BACKOFF;
-            if let Err(error) = self.catch_up().await {
-                tracing::warn!(%error, "cannot fill the gap from the stream; reconnecting");
-                continue;
-            }
-            self.broker.status.set_subscribed(true);
-            tracing::info!(channel = %self.broker.keys().events, resumed_after = ?self.broker.delivery().last_delivered().map(|id| id.to_string()), "subscribed to Redis");
-            let mut watchdog = tokio::time::interval(Duration::from_secs(1));
-            let subscribed_at = tokio::time::Instant::now();
-            loop {
+            } else {
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    message = messages.next() => match message {
-                        Some(message) if message.get_channel_name() == canary_channel => {
-                            self.broker.status.canary_seen();
-                        }
-                        Some(message) => self.deliver(message.get_payload_bytes(), &mut bad),
-                        None => {
-                            tracing::warn!("Redis subscription closed; reconnecting");
-                            break;
-                        }
-                    },
+                    _ = shutdown.cancelled() => return Error::Unavailable("shutting down".to_owned()),
+                    message = messages.next() => message,
                     _ = watchdog.tick() => {
                         let wedged = subscribed_at.elapsed() > WEDGED_AFTER
                             && self.broker.status.canary_age_ms() > WEDGED_AFTER.as_millis() as u64;
                         if wedged {
-                            tracing::warn!("readiness canary stopped arriving; rebuilding the subscription");
-                            break;
+                            return Error::Unavailable("the readiness canary stopped arriving".to_owned());
                         }
+                        continue;
                     }
                 }
+            };
+            let Some(message) = message else {
+                return Error::Unavailable("Redis closed the subscription".to_owned());
+            };
+            match self.take(&message, canary_channel, bad) {
+                Taken::Nothing => {}
+                Taken::Doorbell(id) => rung = rung.max(Some(id)),
+                Taken::Event(frame) => {
+                    if let Some(until) = rung.take() {
+                        if let Err(error) = self.read_new(Some(until)).await {
+                            return error;
+                        }
+                        waiting = 0;
+                    }
+                    self.broker.delivery().deliver(frame);
+                }
             }
-            self.broker.status.set_subscribed(false);
         }
-        self.broker.status.set_subscribed(false);
     }
 
     /// Opens the dedicated pub/sub connection and subscribes to the events channel and
@@ -124,19 +190,75 @@ impl Subscriber {
             .map_err(|_| Error::Unavailable("timed out connecting to Redis".to_owned()))?
     }
 
-    /// Delivers what was stored after the last delivered id while the subscription was
-    /// down. On the very first subscription there is nothing to catch up on: start from
-    /// the newest stored event.
-    async fn catch_up(&self) -> Result<(), Error> {
+    /// Where reading the stream starts for a replica that has delivered nothing yet.
+    async fn stream_position(&self) -> Result<EventId, Error> {
+        Ok(self.broker.newest_id().await?.unwrap_or(EventId::new(0, 0)))
+    }
+
+    /// Reads one channel message.
+    fn take(&self, message: &redis::Msg, canary_channel: &str, bad: &mut BadMessageLog) -> Taken {
+        let payload = message.get_payload_bytes();
+        if message.get_channel_name() == canary_channel {
+            self.broker.status.canary_seen();
+            return Taken::Nothing;
+        }
+        if let Some(id) = doorbell(payload) {
+            // Already delivered (an earlier read covered it): no read needed.
+            let new = self
+                .broker
+                .delivery()
+                .last_delivered()
+                .is_none_or(|last| id > last);
+            return if new {
+                Taken::Doorbell(id)
+            } else {
+                Taken::Nothing
+            };
+        }
+        match parse_message(payload, self.broker.max_event_bytes()) {
+            Ok(frame) => Taken::Event(frame),
+            Err(reason) => {
+                self.metrics.bad_messages.inc();
+                bad.record(reason, payload.len());
+                Taken::Nothing
+            }
+        }
+    }
+
+    /// Delivers what the stream holds after the last delivered id (up to `until`, when
+    /// given), page by page. On the very first subscription there is nothing to catch up
+    /// on: start from the newest stored event (or the start of the stream, when it has
+    /// none).
+    async fn read_new(&self, until: Option<EventId>) -> Result<(), Error> {
         let delivery = self.broker.delivery();
         let Some(mut after) = delivery.last_delivered() else {
-            delivery.start_after(self.broker.newest_id().await?);
+            delivery.start_after(Some(self.stream_position().await?));
             return Ok(());
         };
-        let mut filled = 0usize;
         let mut first_page = true;
         loop {
-            let page = self.broker.replay_from_stream(after, REPLAY_PAGE).await?;
+            // Whether Redis still knows where this replica is matters after a reconnect
+            // (Redis may have lost its data); a live read follows a doorbell from the same
+            // connection, so it need not ask.
+            let check = first_page && until.is_none();
+            let page = self
+                .broker
+                .read_stream(after, until, REPLAY_PAGE, check)
+                .await?;
+            if first_page && page.unknown_id {
+                // Redis no longer knows our newest id: it lost its data (a restart without
+                // persistence, an older snapshot, a failover to a replica that lagged).
+                // Clients here already have what they were sent; start again from the
+                // stream's newest id so that newer events are not refused as old.
+                let newest = self.broker.newest_id().await?;
+                tracing::warn!(
+                    last_delivered = %after,
+                    newest_in_redis = ?newest.map(|id| id.to_string()),
+                    "Redis no longer has the newest event delivered here; following its stream from now on"
+                );
+                delivery.restart_after(newest.unwrap_or(EventId::new(0, 0)));
+                return Ok(());
+            }
             if first_page && page.truncated {
                 delivery.forget_recent();
                 // The outage outlasted the stream's retention: every client here missed
@@ -146,50 +268,39 @@ impl Subscriber {
             }
             first_page = false;
             for frame in page.frames {
-                if let Some(id) = frame.id {
-                    after = id;
-                }
-                filled += usize::from(delivery.deliver(frame));
+                delivery.deliver(frame);
             }
-            if !page.more {
-                break;
-            }
-        }
-        if filled > 0 {
-            tracing::info!(
-                events = filled,
-                "delivered events stored while the subscription was down"
-            );
-        }
-        Ok(())
-    }
-
-    /// Validates one channel message and hands it to the hub.
-    fn deliver(&self, payload: &[u8], bad: &mut BadMessageLog) {
-        match parse_message(payload, self.broker.max_event_bytes()) {
-            Ok(frame) => {
-                self.broker.delivery().deliver(frame);
-            }
-            Err(reason) => {
-                self.metrics.bad_messages.inc();
-                bad.record(reason, payload.len());
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok(()),
             }
         }
     }
 }
 
-/// A message on the events channel: what the function library publishes, or what a
-/// producer sends with a plain `PUBLISH` (no id, so it cannot be replayed).
+/// What a channel message asks of the subscriber.
+enum Taken {
+    /// Nothing (a canary, a stale doorbell, a bad message).
+    Nothing,
+    /// Read the stream up to this id: something new was stored.
+    Doorbell(EventId),
+    /// Deliver this fire-and-forget event.
+    Event(Arc<Frame>),
+}
+
+/// The id in a doorbell: the whole payload is one, as the function library sends it.
+fn doorbell(payload: &[u8]) -> Option<EventId> {
+    std::str::from_utf8(payload).ok()?.parse().ok()
+}
+
+/// An event a producer sends with a plain `PUBLISH`: fire-and-forget, with no id. Fields
+/// other than these (an `id` among them) are ignored.
 #[derive(Debug, Deserialize)]
 struct ChannelMessage<'a> {
     #[serde(rename = "type", borrow)]
     event_type: Cow<'a, str>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    id: Option<Cow<'a, str>>,
-    #[serde(default)]
-    ts: Option<u64>,
 }
 
 /// Turns a channel payload into a frame, or says why it is not acceptable.
@@ -206,13 +317,8 @@ fn parse_message(payload: &[u8], max_bytes: u64) -> Result<Arc<Frame>, &'static 
         }
     })?;
     event::validate_type(&message.event_type).map_err(|_| "invalid type")?;
-    let id = match message.id.as_deref() {
-        Some(raw) => Some(raw.parse::<EventId>().map_err(|_| "invalid id")?),
-        None => None,
-    };
-    let ts = message.ts.or(id.map(|id| id.ms)).unwrap_or_else(unix_ms);
     let data = message.data.unwrap_or(RawValue::NULL);
-    Ok(Frame::event(&message.event_type, data, id, ts))
+    Ok(Frame::event(&message.event_type, data, None, unix_ms()))
 }
 
 /// Logs bad channel messages without letting a flood of them flood the log.
@@ -235,10 +341,11 @@ impl BadMessageLog {
     }
 }
 
-/// A delay between 50 % and 100 % of `base`, so replicas do not reconnect in lockstep.
+/// A delay between 100 % and 150 % of `base`, so replicas do not reconnect in lockstep
+/// and none waits less than `base`.
 fn jitter(base: Duration) -> Duration {
     let ms = base.as_millis() as u64;
-    Duration::from_millis(rand::rng().random_range(ms / 2..=ms.max(1)))
+    Duration::from_millis(rand::rng().random_range(ms..=ms + ms / 2))
 }
 
 #[cfg(test)]
@@ -246,17 +353,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn library_messages_keep_their_id_and_payload() {
+    fn a_forged_id_in_a_channel_message_is_ignored() {
         let frame = parse_message(
-            br#"{"type":"job_updated","data":{"p":1},"id":"5-1","ts":5}"#,
+            br#"{"type":"poison","data":1,"id":"99999999999999-0","ts":5}"#,
             1024,
         )
         .unwrap();
-        assert_eq!(frame.id, Some(EventId::new(5, 1)));
-        assert_eq!(
-            &frame.bytes[..],
-            b"id: 5-1\ndata: {\"type\":\"job_updated\",\"data\":{\"p\":1},\"id\":\"5-1\",\"ts\":5}\n\n"
+        assert_eq!(frame.id, None);
+        let text = std::str::from_utf8(&frame.bytes).unwrap();
+        assert!(
+            text.starts_with("data: {\"type\":\"poison\",\"data\":1"),
+            "{text}"
         );
+        assert!(!text.contains("99999999999999"), "{text}");
     }
 
     #[test]
@@ -272,6 +381,17 @@ mod tests {
                 .bytes
                 .starts_with(b"data: {\"type\":\"cache_updated\"")
         );
+    }
+
+    #[test]
+    fn doorbells_are_bare_ids_and_nothing_else() {
+        assert_eq!(
+            doorbell(b"1700000000000-3"),
+            Some(EventId::new(1_700_000_000_000, 3))
+        );
+        for not_one in [&b""[..], b"\xff", br#"{"type":"a"}"#, b"-1"] {
+            assert_eq!(doorbell(not_one), None, "{not_one:?}");
+        }
     }
 
     #[test]
@@ -293,10 +413,6 @@ mod tests {
             parse_message(br#"{"type":"a b"}"#, 1024).unwrap_err(),
             "invalid type"
         );
-        assert_eq!(
-            parse_message(br#"{"type":"a","id":"x"}"#, 1024).unwrap_err(),
-            "invalid id"
-        );
         let big = format!(r#"{{"type":"a","data":"{}"}}"#, "x".repeat(2000));
         assert_eq!(
             parse_message(big.as_bytes(), 1024).unwrap_err(),
@@ -305,10 +421,10 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_within_half_to_full() {
+    fn jitter_never_goes_below_its_base() {
         for _ in 0..100 {
             let d = jitter(Duration::from_millis(400));
-            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400));
+            assert!(d >= Duration::from_millis(400) && d <= Duration::from_millis(600));
         }
     }
 }

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::event::MAX_IDEMPOTENCY_KEY_LEN;
 use crate::publisher::{self, PublishError};
 use crate::state::AppState;
 
@@ -33,10 +34,10 @@ pub(crate) async fn publish_event(
             value
                 .to_str()
                 .ok()
-                .filter(|key| !key.is_empty() && key.len() <= 200)
+                .filter(|key| !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_LEN)
                 .ok_or_else(|| {
                     ApiError::BadRequest(
-                        "`Idempotency-Key` must be 1 to 200 visible ASCII characters".to_owned(),
+                        format!("`Idempotency-Key` must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"),
                     )
                 })?,
         ),

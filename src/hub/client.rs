@@ -164,6 +164,12 @@ impl Client {
         true
     }
 
+    /// Stops de-duplicating against the id the client resumed after: that id turned out
+    /// not to be one this fabric knows, so it says nothing about what the client has.
+    pub fn forget_last_sent(&self) {
+        self.state().last_sent = None;
+    }
+
     /// Moves up to [`MAX_BATCH`] queued frames into `out` for the client's task to write,
     /// skipping duplicates; returns how many are events. With nothing queued, hands
     /// writing back to the fan-out thread. Fails once the client must go.

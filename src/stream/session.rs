@@ -102,16 +102,19 @@ impl Session {
             _ = self.state.shutdown.cancelled() => return Err(End::Shutdown),
             // Boxed: the Redis call's future is several KB, and it would otherwise be
             // part of every idle client's task for the client's whole life.
-            page = Box::pin(self.state.broker.replay(after, REPLAY_PAGE)) => page,
+            page = Box::pin(self.state.broker.replay(after, REPLAY_PAGE, Some(after) == self.resume_after)) => page,
         };
         let page = page.map_err(|error| {
             tracing::warn!(%error, "cannot replay history");
             End::BrokerUnavailable
         })?;
         if page.truncated && Some(after) == self.resume_after {
-            // The client missed events we no longer have: tell it to reload, then go live.
+            // The client missed events we no longer have, or sent an id this fabric never
+            // issued: tell it to reload, then go live. Its id is no guide to what it has
+            // (a forged one is ahead of every real event), so nothing live is held back.
             self.state.metrics.history_truncated.inc();
             out.push(sse::history_truncated(after));
+            self.client().forget_last_sent();
             self.replay_after = None;
             return Ok(0);
         }
@@ -122,10 +125,7 @@ impl Session {
                 out.push(frame.bytes.clone());
             }
         }
-        self.replay_after = match page.frames.last().and_then(|f| f.id) {
-            Some(last) if page.more => Some(last),
-            _ => None,
-        };
+        self.replay_after = page.next;
         Ok(events)
     }
 }

@@ -279,6 +279,27 @@ async fn both_paths_deliver_live_events_and_resume_after_an_id() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_paths_tell_a_client_with_an_unknown_id_and_serve_it_live() {
+    let gateway = InProcess::start(|_| {}).await;
+    gateway.publisher.publish("before", &1).await.unwrap();
+    for path in PATHS {
+        // An id no event ever had, ahead of all of them (what a forged one looks like).
+        let forged = "last-event-id: 99999999999999-0\r\n";
+        let mut resumed = Response::open(gateway.addr, path, STREAM, forged).await;
+        let body = resumed
+            .read_until(|t| t.contains("history_truncated"))
+            .await;
+        assert!(body.contains("\"history_truncated\""), "{path:?}: {body}");
+        let id = gateway.publisher.publish("after", &2).await.unwrap();
+        let body = resumed
+            .read_until(|t| t.contains(&format!("id: {id}\n")))
+            .await;
+        assert!(body.contains("\"after\""), "{path:?}: {body}");
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_paths_refuse_a_full_replica_with_503_retry_after_and_a_json_body() {
     let gateway = InProcess::start(|c| c.max_clients = 1).await;
     let mut holder = Response::open(gateway.addr, Path::Fresh, STREAM, "").await;
