@@ -1250,3 +1250,259 @@ async fn resume_from_an_id_trimmed_from_the_redis_stream_gets_history_truncated_
     )
     .await;
 }
+
+// ---------------------------------------------------------------------------------------
+// 12. Hostile producers and resumers
+// ---------------------------------------------------------------------------------------
+
+/// Connections Redis has accepted since it started.
+async fn connections_received(conn: &mut MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(conn)
+        .await
+        .expect("INFO stats");
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_connections_received:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no total_connections_received in INFO: {info}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_stored_entry_is_skipped_and_stops_nothing() {
+    let fab = Fabric::start("undecodable", 1, |b| b).await;
+    let api = fab.api(0);
+    let mut conn = fab.conn().await;
+
+    // The function refuses data that is not UTF-8, as POST does.
+    let refused: redis::RedisResult<String> = redis::cmd("FCALL")
+        .arg("eventfabric_publish")
+        .arg(1)
+        .arg(stream_key(&fab.ns))
+        .arg("bad_utf8")
+        .arg(&b"\"\xff\xfe\""[..])
+        .query_async(&mut conn)
+        .await;
+    let error = refused.expect_err("the function stored data that is not UTF-8");
+    assert_eq!(error.code(), Some("ERR"), "{error:?}");
+
+    // Anyone allowed to XADD can still store such an entry; it must stop nothing.
+    let mut live = client(&api).await;
+    let before = fcall(&mut conn, &fab.ns, "job_updated", &json!({"seq": 0})).await;
+    let got = live.expect_event(T).await;
+    assert_eq!(got.seq(), Some(0), "{}", live.summary());
+    let _: String = redis::cmd("XADD")
+        .arg(stream_key(&fab.ns))
+        .arg("*")
+        .arg("type")
+        .arg("bad_utf8")
+        .arg("data")
+        .arg(&b"\"\xff\xfe\""[..])
+        .query_async(&mut conn)
+        .await
+        .expect("XADD");
+    let bad_before = api.metric(BAD_MESSAGES).await.unwrap_or(0.0);
+
+    // Cut the subscription: the replica must fill its gap across the entry.
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT KILL");
+    let after = fcall(&mut conn, &fab.ns, "job_updated", &json!({"seq": 1})).await;
+    let got = live.expect_event(T).await;
+    assert_eq!(
+        (got.seq(), got.id.as_str()),
+        (Some(1), after.as_str()),
+        "{}",
+        live.summary()
+    );
+    api.wait_ready(T).await;
+
+    // No reconnect storm: a settled replica opens next to no new connections.
+    let connections = connections_received(&mut conn).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let opened = connections_received(&mut conn).await - connections;
+    assert!(
+        opened <= 5,
+        "{opened} new Redis connections in 3 s: a reconnect loop"
+    );
+
+    // Resumes across the entry work, from memory and from Redis (a replica started now
+    // holds nothing in memory).
+    let mut resumed = SseClient::connect(api.base(), ConnectOpts::header(&before)).await;
+    let got = resumed.expect_event(T).await;
+    assert_eq!(got.seq(), Some(1), "{}", resumed.summary());
+    let late = replica(fab.redis.url(), &fab.ns, "undecodable-late").spawn();
+    late.api().wait_ready(T).await;
+    let mut from_redis = SseClient::connect(late.api().base(), ConnectOpts::header(&before)).await;
+    let got = from_redis.expect_event(T).await;
+    assert_eq!(
+        (got.seq(), got.id.as_str()),
+        (Some(1), after.as_str()),
+        "{}",
+        from_redis.summary()
+    );
+    assert_quiet(
+        &mut from_redis,
+        Duration::from_millis(300),
+        "resume across the entry",
+    )
+    .await;
+    let bad = late.api().wait_metric_at_least(BAD_MESSAGES, 1.0, T).await;
+    assert!(bad >= 1.0);
+    let warned = late
+        .log()
+        .lines()
+        .filter(|l| l.contains("not an event"))
+        .count();
+    assert!(
+        warned >= 1,
+        "the skipped entry was not logged:\n{}",
+        late.log()
+    );
+    assert!(api.metric(BAD_MESSAGES).await.unwrap_or(0.0) >= bad_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_id_on_the_channel_blinds_no_replica_and_a_resume_with_it_is_truncated() {
+    let fab = Fabric::start("forged", 2, |b| b).await;
+    let mut conn = fab.conn().await;
+    let forged = "99999999999999-0";
+    let mut clients = [client(&fab.api(0)).await, client(&fab.api(1)).await];
+    let mut raw = RawSse::connect(fab.api(0).base(), ConnectOpts::default()).await;
+    wait_cluster_clients(&fab.api(0), 3, T).await;
+
+    let poison = format!(r#"{{"type":"poison","data":{{"seq":0}},"id":"{forged}"}}"#);
+    assert!(publish_raw(&mut conn, &fab.ns, poison.as_bytes()).await >= 2);
+    let durable = fcall(&mut conn, &fab.ns, "job_updated", &json!({"seq": 1})).await;
+    let posted = fab.api(1).publish_seq("job_updated", 2).await;
+    for (r, c) in clients.iter_mut().enumerate() {
+        let got = c.collect(3, T).await;
+        assert_eq!(seqs(&got), vec![0, 1, 2], "replica {r}: {}", c.summary());
+        assert_ne!(got[0].id, forged, "replica {r} took the forged id");
+        assert_eq!(got[1].id, durable, "replica {r}");
+        assert_eq!(got[2].id, posted, "replica {r}");
+    }
+    assert!(
+        raw.read_until(T, |t| raw_events(t).len() >= 3).await,
+        "{}",
+        raw.text
+    );
+    assert!(
+        !raw.text.contains(forged),
+        "the forged id reached the wire: {}",
+        raw.text
+    );
+
+    // A browser that kept the forged id resumes with it: told, then served live.
+    for r in 0..2 {
+        let api = fab.api(r);
+        let mut c = SseClient::connect(api.base(), ConnectOpts::header(forged)).await;
+        let notice = c.expect_event(T).await;
+        assert_eq!(
+            notice.ty(),
+            "history_truncated",
+            "replica {r}: {}",
+            c.summary()
+        );
+        let id = api.publish_seq("job_updated", 10 + r as u64).await;
+        let live = c.expect_event(T).await;
+        assert_eq!(
+            (live.seq(), live.id.as_str()),
+            (Some(10 + r as u64), id.as_str()),
+            "replica {r}"
+        );
+    }
+}
+
+/// Resident memory of a process, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_clients_that_do_not_read_neither_pin_memory_nor_starve_publishing() {
+    const EVENTS: usize = 2_000;
+    const CLIENTS: usize = 40;
+    let fab = Fabric::start("replaystorm", 1, |b| b).await;
+    let api = fab.api(0);
+    let mut conn = fab.conn().await;
+    let data = format!(r#""{}""#, "x".repeat(64 * 1024 - 64));
+    let mut first = None;
+    for chunk in 0..EVENTS / 100 {
+        let mut pipe = redis::pipe();
+        for _ in 0..100 {
+            pipe.add_command(fcall_cmd(&fab.ns, "big", &data, None));
+        }
+        let ids: Vec<String> = pipe.query_async(&mut conn).await.expect("pipelined FCALLs");
+        if chunk == 0 {
+            first = Some(ids[0].clone());
+        }
+    }
+    let first = first.expect("ids");
+    // The replica's ring of recent events is full by now; settle, then measure.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = fab.gws[0].pid();
+    let rss_before = rss_bytes(pid);
+
+    // Clients that resume from the start and never read a byte.
+    let mut sockets = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut s = std::net::TcpStream::connect(fab.gws[0].addr()).expect("connect");
+        let head =
+            format!("GET /api/events/stream HTTP/1.1\r\nHost: x\r\nLast-Event-ID: {first}\r\n\r\n");
+        std::io::Write::write_all(&mut s, head.as_bytes()).expect("send head");
+        sockets.push(s);
+    }
+    api.wait_active_clients(CLIENTS as u64, T).await;
+
+    // A producer at 20 POST/s for 5 s, while the replays run.
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    for seq in 0..100u64 {
+        tick.tick().await;
+        let started = Instant::now();
+        let (status, body) = api
+            .post_raw(
+                json!({"type": "small", "data": {"seq": seq}}).to_string(),
+                "application/json",
+            )
+            .await;
+        latencies.push(started.elapsed());
+        if status != StatusCode::ACCEPTED {
+            failures.push(format!("{status}: {body}"));
+        }
+    }
+    let rss_after = rss_bytes(pid);
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    let added_mb = rss_after.saturating_sub(rss_before) as f64 / 1e6;
+    eprintln!(
+        "replay storm: {CLIENTS} non-reading resumes over {EVENTS} x 64 KB: RSS +{added_mb:.1} MB; \
+         POST median {median:?}, p99 {p99:?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "publishes failed during the replays: {failures:?}"
+    );
+    assert!(
+        added_mb <= 64.0,
+        "the replays added {added_mb:.1} MB of RSS"
+    );
+    assert!(
+        p99 < Duration::from_millis(250),
+        "POST p99 {p99:?} during the replays"
+    );
+    drop(sockets);
+}

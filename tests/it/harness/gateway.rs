@@ -9,6 +9,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -145,6 +146,11 @@ impl GatewayProc {
         self.addr
     }
 
+    /// The running process's id (to read its memory from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("gateway is running").id()
+    }
+
     /// An HTTP API client for this gateway.
     pub fn api(&self) -> Api {
         Api::new(&self.base_url())
@@ -167,8 +173,7 @@ impl GatewayProc {
     }
 
     fn signal(&self, signal: Signal) {
-        let pid = self.child.as_ref().expect("gateway is running").id();
-        let pid = Pid::from_raw(i32::try_from(pid).expect("pid fits in pid_t"));
+        let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid fits in pid_t"));
         kill(pid, signal).unwrap_or_else(|e| panic!("{signal} to gateway {pid} failed: {e}"));
     }
 
@@ -253,8 +258,8 @@ fn spawn_child(
     listen: &str,
     log: &Arc<Mutex<Vec<String>>>,
 ) -> Result<(Child, SocketAddr), String> {
-    let bin = env!("CARGO_BIN_EXE_eventfabric");
-    let mut cmd = Command::new(bin);
+    let bin = gateway_binary();
+    let mut cmd = Command::new(&bin);
     cmd.arg("serve").arg("--listen").arg(listen);
     cmd.args(&builder.args);
     cmd.env_remove("REDIS_URL");
@@ -273,7 +278,7 @@ fn spawn_child(
         .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("failed to spawn {bin}: {e}"))?;
+        .map_err(|e| format!("failed to spawn {}: {e}", bin.display()))?;
 
     let (tx, rx) = mpsc::channel::<String>();
     let stderr = child.stderr.take().expect("stderr piped");
@@ -372,4 +377,13 @@ async fn gateway_proc_restarts_on_the_same_address_with_the_same_arguments() {
     assert_eq!(stats["replica_id"], "restarted", "{stats}");
     assert!(gw.log().contains("[harness] restart on"), "{}", gw.log());
     gw.stop();
+}
+
+/// The gateway binary the tests start: the one cargo built for this test run, or the one
+/// `EVENTFABRIC_BIN` names (a release build, to measure what a test prints; see the
+/// README's benchmark section).
+pub fn gateway_binary() -> PathBuf {
+    std::env::var_os("EVENTFABRIC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_eventfabric")))
 }
