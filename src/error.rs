@@ -5,6 +5,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::telemetry::RateLimit;
+
 /// An API failure as the client sees it.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
@@ -41,7 +43,12 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let message = match &self {
             Self::Unavailable(cause) => {
-                tracing::warn!(%cause, "request failed: broker unavailable");
+                // Operators need to know, but one line per failed request is a flood
+                // when Redis is down under load.
+                static LOG: RateLimit = RateLimit::per_second();
+                if let Some(suppressed) = LOG.allow() {
+                    tracing::warn!(%cause, suppressed, "request failed: broker unavailable");
+                }
                 "the event store is unavailable; retry later".to_owned()
             }
             other => other.to_string(),
