@@ -1,13 +1,16 @@
-//! Hostile and careless clients and producers (issue 9, finding 5): a client repeating an
-//! invalid `Last-Event-ID` cannot flood the log. Real processes only: the real gateway,
-//! its stderr captured by the harness.
+//! Hostile and careless clients and producers (issue 9, finding 5): events the Redis
+//! function would refuse are refused with `400` before they reach it, and a client
+//! repeating an invalid `Last-Event-ID` cannot flood the log. Real processes only: an own
+//! `redis-server` (or `REDIS_URL`) and the real gateway, its stderr captured by the harness.
 
 use std::time::{Duration, Instant};
 
+use reqwest::StatusCode;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::GatewayProc;
+use crate::harness::{Api, GatewayBuilder, GatewayProc, RedisProc, eventually, unique_namespace};
 
 /// Per-step wait for things that should happen "at once".
 const T: Duration = Duration::from_secs(10);
@@ -21,6 +24,76 @@ const FLOOD_ID_BYTES: usize = 8_000;
 /// Most log bytes the whole flood may add. Unbounded, it was 19.4 MB (one line with the
 /// whole id per request); cut short and rate-limited, it is one short line a second.
 const FLOOD_LOG_BUDGET: usize = 64 * 1024;
+
+/// Polls `/readyz` until it answers 200.
+async fn wait_ready(api: &Api) {
+    let what = format!("{} /readyz to answer 200", api.base());
+    eventually(&what, T, || async move {
+        let (status, _) = api.get("/readyz").await;
+        (status == StatusCode::OK).then_some(())
+    })
+    .await
+}
+
+fn total_events(stats: &Value) -> u64 {
+    stats["total_events_broadcast"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("stats has no integer total_events_broadcast: {stats}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_redis_would_refuse_get_400_and_are_not_stored() {
+    let redis = RedisProc::start();
+    let mut gw = GatewayBuilder::new()
+        .redis_url(redis.url())
+        .namespace(&unique_namespace("hostile"))
+        .spawn();
+    let api = gw.api();
+    wait_ready(&api).await;
+    api.publish("fine", json!({"ok": true})).await;
+    let before = total_events(&api.stats().await);
+
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let cases = [
+        (
+            "a lone high surrogate",
+            r#"{"type":"t","data":"\ud800"}"#.to_owned(),
+        ),
+        (
+            "a lone low surrogate",
+            r#"{"type":"t","data":{"k":"x\udc00"}}"#.to_owned(),
+        ),
+        (
+            "200-deep nesting",
+            format!(r#"{{"type":"t","data":{deep}}}"#),
+        ),
+    ];
+    for (what, body) in cases {
+        let (status, text) = api.post_raw(body, "application/json").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {text}");
+        let error: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{what}: error body {text:?} is not JSON: {e}"));
+        assert_eq!(error["error"], "bad_request", "{what}: {error}");
+        assert!(error["message"].is_string(), "{what}: {error}");
+    }
+
+    // A valid surrogate pair is a character, and stored like any other.
+    let (status, text) = api
+        .post_raw(r#"{"type":"t","data":"\ud83d\ude00"}"#, "application/json")
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "a surrogate pair: {text}");
+    assert_eq!(
+        total_events(&api.stats().await),
+        before + 1,
+        "a refused event was stored"
+    );
+    assert!(
+        !gw.log().contains("broker unavailable"),
+        "a producer's mistake was logged as a broker failure:\n{}",
+        gw.log()
+    );
+    gw.stop();
+}
 
 /// Sends `request` on `socket` and reads until `needle` has arrived; panics after [`T`].
 async fn exchange(socket: &mut TcpStream, request: &[u8], needle: &[u8]) {
