@@ -5,6 +5,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::broker;
+use crate::publisher::PublishError;
+use crate::telemetry::RateLimit;
+
 /// An API failure as the client sees it.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ApiError {
@@ -41,7 +45,12 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let message = match &self {
             Self::Unavailable(cause) => {
-                tracing::warn!(%cause, "request failed: broker unavailable");
+                // Operators need to know, but one line per failed request is a flood
+                // when Redis is down under load.
+                static LOG: RateLimit = RateLimit::per_second();
+                if let Some(suppressed) = LOG.allow() {
+                    tracing::warn!(%cause, suppressed, "request failed: broker unavailable");
+                }
                 "the event store is unavailable; retry later".to_owned()
             }
             other => other.to_string(),
@@ -63,7 +72,70 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A refused publish as the client sees it: `503` means only "not stored, retry"; an
+/// event the broker refused as invalid is the producer's mistake, `400` like any other.
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::Broker(broker::Error::Invalid(why)) => Self::BadRequest(why),
+            PublishError::Broker(cause) => Self::Unavailable(cause),
+            PublishError::TooLarge { limit } => Self::TooLarge { limit },
+            other => Self::BadRequest(other.to_string()),
+        }
+    }
+}
+
 /// The JSON body of every error answer: `{"error": <code>, "message": <text>}`.
 pub(crate) fn error_body(code: &str, message: &str) -> String {
     json!({ "error": code, "message": message }).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::InvalidEventData;
+
+    #[test]
+    fn only_a_broker_that_did_not_store_answers_503() {
+        let status = |error: PublishError| ApiError::from(error).status_and_code();
+        let bad_event = redis::make_extension_error(
+            "BADEVENT".to_owned(),
+            Some("data is not valid JSON".to_owned()),
+        );
+        let invalid = broker::redis::classify(bad_event);
+        assert!(matches!(&invalid, broker::Error::Invalid(why) if why == "data is not valid JSON"));
+        assert_eq!(
+            status(PublishError::Broker(invalid)),
+            (StatusCode::BAD_REQUEST, "bad_request")
+        );
+        assert_eq!(
+            status(PublishError::InvalidData(InvalidEventData::TooDeep)),
+            (StatusCode::BAD_REQUEST, "bad_request")
+        );
+        assert_eq!(
+            status(PublishError::TooLarge { limit: 1 }),
+            (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        );
+        // Other replies keep their meaning: an unknown extension code, a plain `ERR` and a
+        // lost connection are not the producer's fault.
+        let other = redis::make_extension_error("OTHER".to_owned(), Some("x".to_owned()));
+        let err = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "ERR",
+            "boom".to_owned(),
+        ));
+        let gone =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        for cause in [other, err, gone] {
+            let classified = broker::redis::classify(cause);
+            assert!(
+                !matches!(classified, broker::Error::Invalid(_)),
+                "{classified:?}"
+            );
+            assert_eq!(
+                status(PublishError::Broker(classified)),
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            );
+        }
+    }
 }

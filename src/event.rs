@@ -123,6 +123,96 @@ pub fn validate_type(event_type: &str) -> Result<(), InvalidEventType> {
     Ok(())
 }
 
+/// Deepest nesting of arrays and objects accepted in `data` (`[[1]]` is 2 deep). The
+/// same figure as serde_json's default recursion limit, and well below the 1000 levels
+/// at which Redis's `cjson` decoder refuses an event, so what the gateway accepts, the
+/// Redis function accepts too.
+pub const MAX_DATA_DEPTH: usize = 128;
+
+/// Why an event's `data` is refused although it parses as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEventData {
+    /// Arrays and objects nest deeper than [`MAX_DATA_DEPTH`].
+    #[error("`data` nests arrays and objects deeper than {MAX_DATA_DEPTH} levels")]
+    TooDeep,
+    /// A `\uXXXX` escape names half of a UTF-16 surrogate pair without the other half,
+    /// which is no character at all (Redis's decoder refuses it; many clients mangle it).
+    #[error("`data` contains a lone surrogate escape \\u{0:04x}; strings must be valid Unicode")]
+    LoneSurrogate(u16),
+}
+
+/// Checks what serde_json lets through but the Redis function (and many clients) would
+/// not: nesting deeper than [`MAX_DATA_DEPTH`] and lone surrogate escapes. `json` is
+/// already known to be JSON (a `RawValue`), so this is one pass over its bytes with no
+/// allocation, not a second parse; anything malformed is left to the parser's verdict.
+pub fn validate_data(json: &str) -> Result<(), InvalidEventData> {
+    let bytes = json.as_bytes();
+    let mut depth = 0usize;
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DATA_DEPTH {
+                    return Err(InvalidEventData::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'"' => {
+                at = skip_string(bytes, at + 1)?;
+                continue;
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    Ok(())
+}
+
+/// Skips a string body starting at `at` (just after its opening quote), checking its
+/// `\u` escapes; returns the index just after the closing quote.
+fn skip_string(bytes: &[u8], mut at: usize) -> Result<usize, InvalidEventData> {
+    // A high surrogate escape seen last, which the very next escape must complete.
+    let mut high: Option<u16> = None;
+    loop {
+        let rest = bytes.get(at..).unwrap_or_default();
+        let Some(offset) = rest.iter().position(|&b| b == b'"' || b == b'\\') else {
+            return Ok(bytes.len());
+        };
+        if let Some(unit) = high.filter(|_| offset > 0 || rest[offset] == b'"') {
+            return Err(InvalidEventData::LoneSurrogate(unit));
+        }
+        at += offset;
+        if bytes[at] == b'"' {
+            return Ok(at + 1);
+        }
+        // A backslash: `\uXXXX` or a one-character escape (`\\`, `\"`, `\n`, ...).
+        if bytes.get(at + 1) != Some(&b'u') {
+            if let Some(unit) = high {
+                return Err(InvalidEventData::LoneSurrogate(unit));
+            }
+            at += 2;
+            continue;
+        }
+        let unit = bytes
+            .get(at + 2..at + 6)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+        at += 6;
+        high = match (high, unit) {
+            // Not four hex digits: not JSON, which the parser has already refused.
+            (_, None) => None,
+            (Some(_), Some(0xDC00..=0xDFFF)) => None,
+            (Some(unit), Some(_)) => return Err(InvalidEventData::LoneSurrogate(unit)),
+            (None, Some(unit @ 0xD800..=0xDBFF)) => Some(unit),
+            (None, Some(unit @ 0xDC00..=0xDFFF)) => {
+                return Err(InvalidEventData::LoneSurrogate(unit));
+            }
+            (None, Some(_)) => None,
+        };
+    }
+}
+
 /// Which event types a client wants: every type, or only those listed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TypeFilter(Option<Box<[Box<str>]>>);
@@ -236,5 +326,61 @@ mod tests {
         );
         let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed["type"], "job_updated");
+    }
+
+    #[test]
+    fn data_checks_find_lone_surrogates_and_nothing_else() {
+        let cases: &[(&str, Option<u16>)] = &[
+            (r#""\ud800""#, Some(0xd800)),
+            (r#""\udc00""#, Some(0xdc00)),
+            (r#""\uDBFF""#, Some(0xdbff)),
+            (r#""\ud800x""#, Some(0xd800)),
+            (r#""x\ud800\n""#, Some(0xd800)),
+            (r#""\ud800\u0041""#, Some(0xd800)),
+            (r#""\ud800\ud800\udc00""#, Some(0xd800)),
+            (r#""\ude00\ud83d""#, Some(0xde00)),
+            (r#"{"k":"\ud83d"}"#, Some(0xd83d)),
+            (r#"{"\udc00":1}"#, Some(0xdc00)),
+            (r#""\ud83d\ude00""#, None),
+            (r#""\uD83D\uDE00 and \u00e9 and \u0000""#, None),
+            (r#""\\ud800""#, None),
+            (r#""\\\ud83d\ude00""#, None),
+            (r#""\"\ud800""#, Some(0xd800)),
+            (r#""😀 é""#, None),
+            (r#"[1,"a",{"b":null},true]"#, None),
+            ("null", None),
+            ("", None),
+        ];
+        for (json, lone) in cases {
+            let expected = match lone {
+                Some(unit) => Err(InvalidEventData::LoneSurrogate(*unit)),
+                None => Ok(()),
+            };
+            assert_eq!(validate_data(json), expected, "{json}");
+        }
+    }
+
+    #[test]
+    fn data_checks_count_nesting_outside_strings_only() {
+        let nested = |open: &str, close: &str, n: usize| open.repeat(n) + &close.repeat(n);
+        assert_eq!(validate_data(&nested("[", "]", MAX_DATA_DEPTH)), Ok(()));
+        assert_eq!(
+            validate_data(&nested("[", "]", MAX_DATA_DEPTH + 1)),
+            Err(InvalidEventData::TooDeep)
+        );
+        assert_eq!(
+            validate_data(&nested(r#"{"a":"#, "}", MAX_DATA_DEPTH + 1)),
+            Err(InvalidEventData::TooDeep)
+        );
+        // Siblings do not add up: depth is how deep, not how many.
+        let wide = format!("[{}]", vec!["[[1]]"; 1000].join(","));
+        assert_eq!(validate_data(&wide), Ok(()));
+        // Brackets and escaped quotes inside strings are text.
+        let text = format!(r#"["{}", "\"[[[", "\\"]"#, "[{".repeat(1000));
+        assert_eq!(validate_data(&text), Ok(()));
+        // Unbalanced or truncated input (not JSON) never panics.
+        for junk in ["]]]]", "\"\\", "\"\\u12", "\"\\ud800\\u", "{\"a\":\"\\"] {
+            let _ = validate_data(junk);
+        }
     }
 }

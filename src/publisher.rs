@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::broker::{self, Broker, RedisSettings};
 use crate::config::{DEFAULT_HISTORY, DEFAULT_MAX_EVENT_BYTES};
-use crate::event::{self, EventId, InvalidEventType};
+use crate::event::{self, EventId, InvalidEventData, InvalidEventType};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -19,6 +19,10 @@ pub enum PublishError {
     /// The event type is not acceptable.
     #[error(transparent)]
     InvalidType(#[from] InvalidEventType),
+    /// The data is JSON that would not be stored: nested too deep, or holding a lone
+    /// surrogate escape.
+    #[error(transparent)]
+    InvalidData(#[from] InvalidEventData),
     /// The encoded event is larger than the configured limit.
     #[error("event exceeds {limit} bytes")]
     TooLarge {
@@ -63,7 +67,11 @@ pub(crate) fn parse_request(body: &[u8]) -> Result<PublishRequest<'_>, String> {
     Ok(request)
 }
 
-/// Checks size and type, then stores the event. `data` of `None` means JSON `null`.
+/// Checks type, size and data, then stores the event. `data` of `None` means JSON `null`.
+///
+/// The one place every producer's event is checked (`POST`, [`Publisher`], the CLI's
+/// `publish`): whatever the Redis function would refuse is refused here first, the same
+/// way in both broker modes, as the producer's mistake and not a broker failure.
 pub(crate) async fn publish_validated(
     broker: &Broker,
     event_type: &str,
@@ -77,6 +85,7 @@ pub(crate) async fn publish_validated(
     if (data.get().len() + event_type.len()) as u64 > max_bytes {
         return Err(PublishError::TooLarge { limit: max_bytes });
     }
+    event::validate_data(data.get())?;
     Ok(broker.publish(event_type, data, idempotency_key).await?)
 }
 

@@ -17,6 +17,7 @@ use tower::ServiceExt;
 
 use crate::state::AppState;
 use crate::stream::{ConnectionKill, StreamParams, serve_raw};
+use crate::telemetry::RateLimit;
 
 /// The path served on the raw socket.
 pub(crate) const STREAM_PATH: &str = "/api/events/stream";
@@ -193,7 +194,11 @@ fn log_connection_error(result: Result<(), hyper::Error>) {
         && !error.is_incomplete_message()
         && !is_disconnect(&error)
     {
-        tracing::debug!(%error, "http connection ended with an error");
+        // Clients decide how their connections end: at most one line a second.
+        static LOG: RateLimit = RateLimit::per_second();
+        if let Some(suppressed) = LOG.allow() {
+            tracing::debug!(%error, suppressed, "http connection ended with an error");
+        }
     }
 }
 

@@ -479,12 +479,16 @@ impl BadEntries {
     }
 }
 
-/// Server replies to a bad request are rejections; everything else means Redis is not
-/// reachable as it should be.
-fn classify(error: RedisError) -> Error {
+/// Server replies to a bad request are rejections, and the function library's `BADEVENT`
+/// replies say the event itself is invalid (the producer's mistake, not a failure);
+/// everything else means Redis is not reachable as it should be.
+pub(crate) fn classify(error: RedisError) -> Error {
     match error.kind() {
         ErrorKind::Server(ServerErrorKind::ResponseError) => {
             Error::Rejected(error.detail().unwrap_or("rejected by Redis").to_owned())
+        }
+        ErrorKind::Extension if error.code() == Some("BADEVENT") => {
+            Error::Invalid(error.detail().unwrap_or("invalid event").to_owned())
         }
         _ => Error::Unavailable(error.to_string()),
     }

@@ -50,13 +50,9 @@ pub(crate) async fn publish_event(
         idempotency_key,
     )
     .await
-    .map_err(|error| {
+    .map_err(|error: PublishError| {
         state.metrics.publish_errors.inc();
-        match error {
-            PublishError::Broker(cause) => ApiError::Unavailable(cause),
-            PublishError::TooLarge { limit } => ApiError::TooLarge { limit },
-            other => ApiError::BadRequest(other.to_string()),
-        }
+        ApiError::from(error)
     })?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id.to_string() }))))
 }

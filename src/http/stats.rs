@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::broker::ClusterStats;
 use crate::state::AppState;
+use crate::telemetry::RateLimit;
 
 /// The stats body: the fabric's figures and who answered.
 #[derive(Debug, Serialize)]
@@ -27,7 +28,15 @@ pub(crate) async fn get_stats(State(state): State<AppState>) -> Json<StatsReport
     let (cluster, degraded) = match state.broker.cluster_stats().await {
         Ok(cluster) => (cluster, false),
         Err(error) => {
-            tracing::warn!(%error, "cluster stats unavailable; answering with this replica's");
+            // Any client can ask as often as it likes; one line a second tells operators.
+            static LOG: RateLimit = RateLimit::per_second();
+            if let Some(suppressed) = LOG.allow() {
+                tracing::warn!(
+                    %error,
+                    suppressed,
+                    "cluster stats unavailable; answering with this replica's"
+                );
+            }
             (state.broker.local_stats(), true)
         }
     };

@@ -112,6 +112,70 @@ async fn bad_bodies_get_400_with_a_json_error() {
 }
 
 #[tokio::test]
+async fn data_redis_would_refuse_gets_400_in_memory_mode_too() {
+    let app = app(|_| {}).await;
+    let depth = crate::event::MAX_DATA_DEPTH;
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let refused = [
+        (
+            "a lone high surrogate",
+            r#"{"type":"t","data":"\ud800"}"#.to_owned(),
+        ),
+        (
+            "a lone low surrogate",
+            r#"{"type":"t","data":["\udc00"]}"#.to_owned(),
+        ),
+        (
+            "too deep",
+            format!(r#"{{"type":"t","data":{}}}"#, nested(depth + 1)),
+        ),
+        (
+            "far too deep",
+            format!(r#"{{"type":"t","data":{}}}"#, nested(2000)),
+        ),
+    ];
+    for (what, body) in refused {
+        let answer = call(&app, post(body)).await;
+        assert_eq!(answer.0, StatusCode::BAD_REQUEST, "{what}");
+        assert_error(&answer, StatusCode::BAD_REQUEST, "bad_request");
+    }
+    let (_, _, stats) = call(&app, get("/api/events/stats")).await;
+    assert_eq!(
+        json(&stats)["total_events_broadcast"],
+        0,
+        "a refused event was counted"
+    );
+
+    let accepted = [
+        (
+            "a surrogate pair",
+            r#"{"type":"t","data":"\ud83d\ude00"}"#.to_owned(),
+        ),
+        (
+            "an escaped backslash",
+            r#"{"type":"t","data":"\\ud800"}"#.to_owned(),
+        ),
+        (
+            "as deep as allowed",
+            format!(r#"{{"type":"t","data":{}}}"#, nested(depth)),
+        ),
+        (
+            "brackets in a string",
+            format!(r#"{{"type":"t","data":"{}"}}"#, "[".repeat(500)),
+        ),
+    ];
+    for (what, body) in accepted {
+        let (status, _, text) = call(&app, post(body)).await;
+        assert_eq!(
+            status,
+            StatusCode::ACCEPTED,
+            "{what}: {}",
+            String::from_utf8_lossy(&text)
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_oversized_body_gets_413_and_stores_nothing() {
     let app = app(|config| config.max_event_bytes = 1024).await;
     let data = "x".repeat(2000);

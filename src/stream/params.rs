@@ -1,6 +1,7 @@
 //! What a stream request asks for: a type filter and where to resume.
 
 use crate::event::{EventId, TypeFilter};
+use crate::telemetry::{RateLimit, truncate_for_log};
 
 /// Most types one `?types=` filter may list; more are ignored.
 const MAX_FILTER_TYPES: usize = 64;
@@ -17,7 +18,9 @@ pub(crate) struct StreamParams {
 impl StreamParams {
     /// Reads `?types=a,b` and `?lastEventId=` from the query and the `Last-Event-ID`
     /// header, which wins when both are present (browsers send the header on reconnect,
-    /// with a fresher id than the one in the URL). Invalid ids are logged and ignored.
+    /// with a fresher id than the one in the URL). Invalid ids are ignored, and logged at
+    /// debug level, cut short and at most once a second: the client's mistake, which it
+    /// may repeat on every reconnect, and which costs nothing (the client is served live).
     pub fn parse(query: Option<&str>, last_event_id_header: Option<&[u8]>) -> Self {
         let mut params = Self::default();
         let mut query_id = None;
@@ -37,13 +40,25 @@ impl StreamParams {
                 _ => {}
             }
         }
-        let header_id = last_event_id_header.map(|raw| String::from_utf8_lossy(raw).into_owned());
-        let chosen = header_id.filter(|id| !id.trim().is_empty()).or(query_id);
-        if let Some(raw) = chosen.filter(|id| !id.trim().is_empty()) {
-            match raw.parse::<EventId>() {
-                Ok(id) => params.last_event_id = Some(id),
-                Err(_) => {
-                    tracing::warn!(last_event_id = %raw.escape_debug(), "ignoring invalid Last-Event-ID")
+        // Bytes, not a lossy copy: an id is ASCII, so anything else is invalid without
+        // allocating, and the log shows the bytes the client really sent.
+        let given = |raw: &&[u8]| !raw.trim_ascii().is_empty();
+        let chosen = last_event_id_header
+            .filter(given)
+            .or(query_id.as_deref().map(str::as_bytes))
+            .filter(given);
+        if let Some(raw) = chosen {
+            match std::str::from_utf8(raw).ok().map(str::parse::<EventId>) {
+                Some(Ok(id)) => params.last_event_id = Some(id),
+                _ => {
+                    static LOG: RateLimit = RateLimit::per_second();
+                    if let Some(suppressed) = LOG.allow() {
+                        tracing::debug!(
+                            last_event_id = %truncate_for_log(raw),
+                            suppressed,
+                            "ignoring invalid Last-Event-ID"
+                        );
+                    }
                 }
             }
         }
@@ -75,5 +90,18 @@ mod tests {
         let p = StreamParams::parse(Some("types=,&lastEventId=nope"), Some(b"\xff\xfe"));
         assert_eq!(p, StreamParams::default());
         assert!(p.types.wants("anything"));
+        let long = vec![b'9'; 8000];
+        assert_eq!(
+            StreamParams::parse(None, Some(&long)),
+            StreamParams::default()
+        );
+    }
+
+    #[test]
+    fn a_blank_header_leaves_the_query_id() {
+        let p = StreamParams::parse(Some("lastEventId=5-1"), Some(b" \t"));
+        assert_eq!(p.last_event_id, Some(EventId::new(5, 1)));
+        let p = StreamParams::parse(Some("lastEventId=%20"), None);
+        assert_eq!(p.last_event_id, None);
     }
 }

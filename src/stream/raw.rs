@@ -19,6 +19,7 @@ use super::contract::{self, Refusal};
 use super::{Session, StreamParams};
 use crate::hub::{End, MAX_BATCH};
 use crate::state::AppState;
+use crate::telemetry::RateLimit;
 
 /// A batch vector that grew past this many slots is released after the write, so a burst
 /// does not leave every client holding a large allocation.
@@ -67,7 +68,12 @@ pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: Ap
         };
     };
     if end == End::Slow {
-        tracing::debug!("disconnected a client that fell behind");
+        // A client that stops reading decides this: at most one line a second (the
+        // slow-client counter in /metrics has the exact figure).
+        static LOG: RateLimit = RateLimit::per_second();
+        if let Some(suppressed) = LOG.allow() {
+            tracing::debug!(suppressed, "disconnected a client that fell behind");
+        }
     }
     drop(session);
     if let Some(hint) = contract::farewell(end, state.config.retry_ms) {

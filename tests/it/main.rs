@@ -10,6 +10,7 @@
 mod deploy;
 mod fabric;
 mod harness;
+mod hostile;
 mod proxy;
 mod single_replica;
 mod whatwg;
