@@ -98,10 +98,11 @@ mod tests {
     #[test]
     fn only_a_broker_that_did_not_store_answers_503() {
         let status = |error: PublishError| ApiError::from(error).status_and_code();
-        let bad_event = redis::make_extension_error(
-            "BADEVENT".to_owned(),
-            Some("data is not valid JSON".to_owned()),
-        );
+        let bad_event = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "ERR",
+            "invalid event: data is not valid JSON".to_owned(),
+        ));
         let invalid = broker::redis::classify(bad_event);
         assert!(matches!(&invalid, broker::Error::Invalid(why) if why == "data is not valid JSON"));
         assert_eq!(

@@ -123,11 +123,11 @@ pub fn validate_type(event_type: &str) -> Result<(), InvalidEventType> {
     Ok(())
 }
 
-/// Deepest nesting of arrays and objects accepted in `data` (`[[1]]` is 2 deep). The
-/// same figure as serde_json's default recursion limit, and well below the 1000 levels
-/// at which Redis's `cjson` decoder refuses an event, so what the gateway accepts, the
-/// Redis function accepts too.
-pub const MAX_DATA_DEPTH: usize = 128;
+/// Deepest nesting of arrays and objects accepted in `data` (`[[1]]` is 2 deep). Well below
+/// the 1000 levels at which Redis's `cjson` decoder refuses an event, so what the gateway
+/// accepts the Redis function accepts too; and with the envelope's one level on top, still
+/// within the 127 levels serde_json's default limit lets a Rust client parse.
+pub const MAX_DATA_DEPTH: usize = 100;
 
 /// Why an event's `data` is refused although it parses as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -84,6 +84,15 @@ fn limits_match_the_rust_side() {
 }
 
 #[test]
+fn validation_errors_read_as_the_gateway_expects() {
+    let prefix = format!("redis.error_reply('ERR {}' ..", super::redis::INVALID_EVENT);
+    assert!(
+        FUNCTION_LIBRARY.contains(&prefix),
+        "functions.lua's bad_event() no longer starts its replies with {prefix}"
+    );
+}
+
+#[test]
 fn every_key_the_library_derives_is_listed_in_keys() {
     let keys = Keys::new("ns");
     let listed: BTreeSet<String> = keys

@@ -87,7 +87,8 @@ pub enum Error {
     /// The backend refused the request.
     #[error("broker rejected the request: {0}")]
     Rejected(String),
-    /// The backend refused the event itself as invalid (the Redis function's `BADEVENT`);
+    /// The backend refused the event itself as invalid (the Redis function's
+    /// "ERR invalid event: ...");
     /// the producer's mistake, so retrying cannot help. The text says what is wrong.
     #[error("{0}")]
     Invalid(String),

@@ -479,16 +479,22 @@ impl BadEntries {
     }
 }
 
-/// Server replies to a bad request are rejections, and the function library's `BADEVENT`
-/// replies say the event itself is invalid (the producer's mistake, not a failure);
+/// How the function library's validation errors begin, after the `ERR` code: "ERR invalid
+/// event: type must not be empty". The code stays the generic `ERR` that producers in other
+/// languages already match on.
+pub(crate) const INVALID_EVENT: &str = "invalid event: ";
+
+/// Server replies to a bad request are rejections, and the function library's "invalid
+/// event" replies say the event itself is invalid (the producer's mistake, not a failure);
 /// everything else means Redis is not reachable as it should be.
 pub(crate) fn classify(error: RedisError) -> Error {
     match error.kind() {
         ErrorKind::Server(ServerErrorKind::ResponseError) => {
-            Error::Rejected(error.detail().unwrap_or("rejected by Redis").to_owned())
-        }
-        ErrorKind::Extension if error.code() == Some("BADEVENT") => {
-            Error::Invalid(error.detail().unwrap_or("invalid event").to_owned())
+            let detail = error.detail().unwrap_or("rejected by Redis");
+            match detail.strip_prefix(INVALID_EVENT) {
+                Some(why) => Error::Invalid(why.to_owned()),
+                None => Error::Rejected(detail.to_owned()),
+            }
         }
         _ => Error::Unavailable(error.to_string()),
     }
