@@ -585,3 +585,69 @@ async fn compose_settings_start_a_gateway_that_serves_the_probes() {
     let probes = vec![("nginx healthcheck".to_owned(), nginx_check.to_owned())];
     settings_serve_the_probes("docker-compose", &settings, &probes).await;
 }
+
+/// `512Mi`, `1Gi`, `900mb`, `1gb` → bytes (Kubernetes quantities and Redis memory sizes).
+fn memory_bytes(value: &str) -> u64 {
+    let value = value.trim();
+    let (number, unit) = value.split_at(value.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = number
+        .parse()
+        .unwrap_or_else(|_| panic!("not a memory size: {value}"));
+    n * match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "ki" => 1 << 10,
+        "mi" => 1 << 20,
+        "gi" => 1 << 30,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        _ => panic!("unknown memory unit in {value}"),
+    }
+}
+
+#[test]
+fn the_redis_manifest_holds_the_history_the_gateways_keep() {
+    let redis = read("k8s/redis.yaml");
+    // `args: [...]`, a flow sequence that may span lines.
+    let start = redis
+        .find("args: [")
+        .expect("k8s/redis.yaml gives redis-server its args")
+        + 6;
+    let end = start + redis[start..].find(']').expect("args ends with ]") + 1;
+    let args: Vec<String> =
+        serde_json::from_str(&redis[start..end]).expect("args is a JSON-style list");
+    assert_eq!(args.first().map(String::as_str), Some("redis-server"));
+    let flag = |name: &str| -> String {
+        let at = args
+            .iter()
+            .position(|a| a == name)
+            .unwrap_or_else(|| panic!("k8s/redis.yaml: redis-server has no {name}"));
+        args[at + 1].clone()
+    };
+    assert_eq!(
+        flag("--maxmemory-policy"),
+        "noeviction",
+        "evicting would drop events"
+    );
+    let maxmemory = memory_bytes(&flag("--maxmemory"));
+    let limit = memory_bytes(lookup(&mapping(&redis, "limits"), "memory"));
+    let config = configmap();
+    let history: u64 = lookup(&config, "EVENTFABRIC_HISTORY")
+        .parse()
+        .expect("a number");
+    let largest: u64 = lookup(&config, "EVENTFABRIC_MAX_EVENT_BYTES")
+        .parse()
+        .expect("a number");
+    // The README's formula: stream entries of up to `largest` bytes plus ~60 B, and at
+    // most 100,000 idempotency keys of at most 200 bytes (~600 B each).
+    let needed = history * (largest + 64) + 100_000 * 600;
+    assert!(
+        maxmemory >= needed,
+        "k8s/redis.yaml: --maxmemory {maxmemory} B cannot hold {history} events of {largest} B \
+         plus the idempotency keys ({needed} B)"
+    );
+    assert!(
+        maxmemory + 64 * (1 << 20) <= limit,
+        "k8s/redis.yaml: --maxmemory {maxmemory} B leaves too little of the {limit} B container limit"
+    );
+}
