@@ -18,6 +18,7 @@ use super::{ClusterStats, Error, Page, Replay, ReplicaStats};
 use crate::event::{self, EventId, unix_ms};
 use crate::metrics::Metrics;
 use crate::sse::Frame;
+use crate::telemetry::RateLimit;
 
 /// The Function library, loaded into Redis by every replica.
 pub(crate) const FUNCTION_LIBRARY: &str = include_str!("functions.lua");
@@ -451,8 +452,9 @@ fn stored_frame(id: EventId, fields: &[Vec<u8>]) -> Result<Arc<Frame>, &'static 
     Ok(Frame::event(event_type, &data, Some(id), id.ms))
 }
 
-/// Counts and logs stream entries that are not events, each once: replays and gap fills
-/// read entries in id order, so remembering the newest one reported is enough.
+/// Counts stream entries that are not events, each once (replays and gap fills read
+/// entries in id order, so remembering the newest one reported is enough), and logs them at
+/// most once a second: anyone who can `XADD` can add them as fast as Redis takes them.
 #[derive(Debug)]
 struct BadEntries {
     metrics: Arc<Metrics>,
@@ -471,11 +473,15 @@ impl BadEntries {
             }
         }
         self.metrics.bad_messages.inc();
-        tracing::warn!(
-            id = ?id.map(|id| id.to_string()),
-            reason,
-            "skipped a stored entry that is not an event"
-        );
+        static LOG: RateLimit = RateLimit::per_second();
+        if let Some(suppressed) = LOG.allow() {
+            tracing::warn!(
+                id = ?id.map(|id| id.to_string()),
+                reason,
+                suppressed,
+                "skipped a stored entry that is not an event"
+            );
+        }
     }
 }
 

@@ -31,6 +31,7 @@ use super::{Error, REPLAY_PAGE};
 use crate::event::{self, EventId, unix_ms};
 use crate::metrics::Metrics;
 use crate::sse::{self, Frame};
+use crate::telemetry::RateLimit;
 
 /// Shortest pause before any reconnect, so nothing reconnects more than four times a
 /// second; doubled after each quick failure up to [`MAX_BACKOFF`], with jitter.
@@ -65,12 +66,9 @@ impl Subscriber {
     pub async fn run(self, shutdown: CancellationToken) {
         let canary_channel = self.broker.keys().canary(&self.replica_id);
         let mut backoff = MIN_BACKOFF;
-        let mut bad = BadMessageLog::default();
         while !shutdown.is_cancelled() {
             let began = tokio::time::Instant::now();
-            let ended = self
-                .subscription(&canary_channel, &mut bad, &shutdown)
-                .await;
+            let ended = self.subscription(&canary_channel, &shutdown).await;
             self.broker.status.set_subscribed(false);
             if shutdown.is_cancelled() {
                 break;
@@ -91,12 +89,7 @@ impl Subscriber {
 
     /// One subscription, from connecting to its end; returns why it ended (a clean
     /// shutdown returns too, and the caller checks the token).
-    async fn subscription(
-        &self,
-        canary_channel: &str,
-        bad: &mut BadMessageLog,
-        shutdown: &CancellationToken,
-    ) -> Error {
+    async fn subscription(&self, canary_channel: &str, shutdown: &CancellationToken) -> Error {
         let mut messages = tokio::select! {
             _ = shutdown.cancelled() => return Error::Unavailable("shutting down".to_owned()),
             session = self.subscribe(canary_channel) => match session {
@@ -152,7 +145,7 @@ impl Subscriber {
             let Some(message) = message else {
                 return Error::Unavailable("Redis closed the subscription".to_owned());
             };
-            match self.take(&message, canary_channel, bad) {
+            match self.take(&message, canary_channel) {
                 Taken::Nothing => {}
                 Taken::Doorbell(id) => rung = rung.max(Some(id)),
                 Taken::Event(frame) => {
@@ -196,7 +189,7 @@ impl Subscriber {
     }
 
     /// Reads one channel message.
-    fn take(&self, message: &redis::Msg, canary_channel: &str, bad: &mut BadMessageLog) -> Taken {
+    fn take(&self, message: &redis::Msg, canary_channel: &str) -> Taken {
         let payload = message.get_payload_bytes();
         if message.get_channel_name() == canary_channel {
             self.broker.status.canary_seen();
@@ -219,7 +212,7 @@ impl Subscriber {
             Ok(frame) => Taken::Event(frame),
             Err(reason) => {
                 self.metrics.bad_messages.inc();
-                bad.record(reason, payload.len());
+                log_bad_message(reason, payload.len());
                 Taken::Nothing
             }
         }
@@ -321,23 +314,17 @@ fn parse_message(payload: &[u8], max_bytes: u64) -> Result<Arc<Frame>, &'static 
     Ok(Frame::event(&message.event_type, data, None, unix_ms()))
 }
 
-/// Logs bad channel messages without letting a flood of them flood the log.
-#[derive(Debug, Default)]
-struct BadMessageLog {
-    count: u64,
-}
-
-impl BadMessageLog {
-    fn record(&mut self, reason: &'static str, bytes: usize) {
-        self.count += 1;
-        if self.count <= 10 || self.count.is_power_of_two() {
-            tracing::warn!(
-                reason,
-                bytes,
-                dropped_so_far = self.count,
-                "dropped a malformed message from the Redis channel"
-            );
-        }
+/// Logs a bad channel message: anyone who can `PUBLISH` can send them as fast as Redis
+/// takes them, so one line a second at most (the metric counts every one).
+fn log_bad_message(reason: &'static str, bytes: usize) {
+    static LOG: RateLimit = RateLimit::per_second();
+    if let Some(suppressed) = LOG.allow() {
+        tracing::warn!(
+            reason,
+            bytes,
+            suppressed,
+            "dropped a malformed message from the Redis channel"
+        );
     }
 }
 

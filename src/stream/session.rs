@@ -18,6 +18,7 @@ use crate::event::EventId;
 use crate::hub::{Attachment, Client, End};
 use crate::sse;
 use crate::state::AppState;
+use crate::telemetry::RateLimit;
 
 /// The state of one connected client.
 #[derive(Debug)]
@@ -105,7 +106,11 @@ impl Session {
             page = Box::pin(self.state.broker.replay(after, REPLAY_PAGE, Some(after) == self.resume_after)) => page,
         };
         let page = page.map_err(|error| {
-            tracing::warn!(%error, "cannot replay history");
+            // Every resuming client hits this while Redis is down: one line a second.
+            static LOG: RateLimit = RateLimit::per_second();
+            if let Some(suppressed) = LOG.allow() {
+                tracing::warn!(%error, suppressed, "cannot replay history");
+            }
             End::BrokerUnavailable
         })?;
         if page.truncated && Some(after) == self.resume_after {
