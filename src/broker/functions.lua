@@ -44,6 +44,12 @@ local function valid_utf8(s)
   return true
 end
 
+-- Redis's clock, in Unix milliseconds.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 -- "{ns}:stream" -> "{ns}"
 local function prefix_of(stream_key)
   local prefix = string.match(stream_key, '^(.*):stream$')
@@ -63,8 +69,7 @@ end
 -- MAX_IDEMPOTENCY_KEYS, a bounded number per call. "{ns}:idem" maps key -> id and
 -- "{ns}:idem:order" orders the keys by the ms of their id.
 local function forget_idempotency_keys(idem_keys, idem_order)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local old = redis.call('ZRANGEBYSCORE', idem_order, '-inf', now - IDEMPOTENCY_TTL_MS,
     'LIMIT', 0, IDEMPOTENCY_SWEEP)
   local surplus = redis.call('ZCARD', idem_order) - #old - MAX_IDEMPOTENCY_KEYS + 1
@@ -175,8 +180,7 @@ end
 -- Records that a replica is alive and how many clients it has, on Redis's clock.
 local function heartbeat(keys, args)
   local prefix = prefix_of(keys[1])
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local ttl = tonumber(args[3]) or 10000
   redis.call('HSET', prefix .. ':replicas', args[1], args[2] .. ':' .. now)
   redis.call('ZADD', prefix .. ':replicas:expiry', now + ttl, args[1])
@@ -196,8 +200,7 @@ end
 -- after dropping replicas whose heartbeat expired.
 local function stats(keys, args)
   local prefix = prefix_of(keys[1])
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local expired = redis.call('ZRANGEBYSCORE', prefix .. ':replicas:expiry', '-inf', now)
   for _, id in ipairs(expired) do
     redis.call('HDEL', prefix .. ':replicas', id)

@@ -177,13 +177,19 @@ fn listen_addr(value: &str, file: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("{file}: EVENTFABRIC_LISTEN={value} is not an address: {e}"))
 }
 
-/// `15s`, `1h`, `3600` (seconds) → seconds.
-fn seconds(value: &str) -> u64 {
+/// `15s` → (15, "s"): a whole number and the unit letters after it.
+fn number_and_unit(value: &str) -> (u64, &str) {
     let value = value.trim();
     let (number, unit) = value.split_at(value.trim_end_matches(char::is_alphabetic).len());
-    let n: u64 = number
+    let n = number
         .parse()
-        .unwrap_or_else(|_| panic!("not a duration: {value}"));
+        .unwrap_or_else(|_| panic!("not a number with a unit: {value}"));
+    (n, unit)
+}
+
+/// `15s`, `1h`, `3600` (seconds) → seconds.
+fn seconds(value: &str) -> u64 {
+    let (n, unit) = number_and_unit(value);
     match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -588,11 +594,7 @@ async fn compose_settings_start_a_gateway_that_serves_the_probes() {
 
 /// `512Mi`, `1Gi`, `900mb`, `1gb` → bytes (Kubernetes quantities and Redis memory sizes).
 fn memory_bytes(value: &str) -> u64 {
-    let value = value.trim();
-    let (number, unit) = value.split_at(value.trim_end_matches(char::is_alphabetic).len());
-    let n: u64 = number
-        .parse()
-        .unwrap_or_else(|_| panic!("not a memory size: {value}"));
+    let (n, unit) = number_and_unit(value);
     n * match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "ki" => 1 << 10,
