@@ -116,6 +116,12 @@ pub struct Config {
     )]
     pub max_clients: u64,
 
+    /// Seconds a client may take to send a request head or a request body, and may leave a
+    /// keep-alive connection idle between requests, before it is answered `408` or closed.
+    #[arg(long, env = "EVENTFABRIC_REQUEST_TIMEOUT_SECS", default_value_t = 10, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub request_timeout_secs: u64,
+
     /// Threads that write events to clients; 0 means one per CPU.
     #[arg(long, env = "EVENTFABRIC_FANOUT_THREADS", default_value_t = 0, global = true,
           value_parser = clap::value_parser!(u64).range(0..=64))]
@@ -195,6 +201,11 @@ impl Config {
         }
     }
 
+    /// Time allowed for a request head or body, and for idling between requests.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
     /// The client cap to enforce: the configured one, or what the open-file limit allows.
     pub fn resolved_max_clients(&self) -> usize {
         if self.max_clients > 0 {
@@ -229,6 +240,7 @@ mod tests {
         assert_eq!(c.client_queue, 100);
         assert_eq!(c.history, 10_000);
         assert_eq!(c.max_event_bytes, 65_536);
+        assert_eq!(c.request_timeout_secs, 10);
     }
 
     #[test]

@@ -21,6 +21,12 @@ pub(crate) enum ApiError {
         /// The configured limit.
         limit: u64,
     },
+    /// The request body did not arrive within `--request-timeout-secs`.
+    #[error("the request body did not arrive within {secs} s")]
+    RequestTimeout {
+        /// The configured deadline.
+        secs: u64,
+    },
     /// No route matches the path.
     #[error("no such endpoint")]
     NotFound,
@@ -34,6 +40,7 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }
@@ -61,9 +68,10 @@ impl IntoResponse for ApiError {
             error_body(code, &message),
         )
             .into_response();
-        if matches!(self, Self::TooLarge { .. }) {
+        if matches!(self, Self::TooLarge { .. } | Self::RequestTimeout { .. }) {
             // The rest of the body is not read, so the connection cannot carry another
-            // request; say so rather than let the client find out on its next one.
+            // request; say so rather than let the client find out on its next one (hyper
+            // closes the connection once this answer is written).
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

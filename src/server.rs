@@ -1,6 +1,11 @@
 //! The accept loop. Each connection's request head is read first: a `GET` of the event
 //! stream is served on the raw socket (see `stream/raw.rs`), everything else is handed,
 //! untouched, to hyper and the axum router.
+//!
+//! A head must arrive within `--request-timeout-secs` of the connection opening or of its
+//! previous response (hyper's header timer also runs while a keep-alive connection is
+//! idle, so this is the idle timeout too); a request body gets the same deadline
+//! (`http/publish.rs`).
 
 use std::io;
 use std::time::Duration;
@@ -28,9 +33,6 @@ const SNIFF_LIMIT: usize = 8192;
 
 /// First size of the sniffing buffer.
 const SNIFF_START: usize = 1024;
-
-/// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pause after a failed accept (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -86,7 +88,7 @@ async fn handle_connection(
     tracker: TaskTracker,
 ) {
     let _ = socket.set_nodelay(true);
-    match sniff(&socket).await {
+    match sniff(&socket, state.config.request_timeout()).await {
         Sniffed::Stream { mut head, params } => {
             if socket.read_exact(&mut head).await.is_ok() {
                 drop(head);
@@ -100,8 +102,8 @@ async fn handle_connection(
 
 /// Peeks at the request head without consuming it, in a buffer that starts small (most
 /// heads fit in 1 KB) and doubles up to [`SNIFF_LIMIT`].
-async fn sniff(socket: &TcpStream) -> Sniffed {
-    let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; SNIFF_START];
     loop {
         let peeked = match tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await {
@@ -174,7 +176,9 @@ async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        // In hyper 1.12 this timer runs from the connection's start and again from each
+        // response's end, so it is the idle timeout of a keep-alive connection as well.
+        .header_read_timeout(state.config.request_timeout())
         .serve_connection(TokioIo::new(socket), TowerToHyperService::new(service));
     tokio::pin!(connection);
     tokio::select! {

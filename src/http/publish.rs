@@ -2,9 +2,8 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::StatusCode;
 use serde_json::json;
 
 use crate::error::ApiError;
@@ -14,12 +13,22 @@ use crate::state::AppState;
 
 /// Publishes `{"type": "...", "data": <any JSON>}`; answers `202 {"id": "..."}`. An
 /// `Idempotency-Key` header makes retries safe.
+///
+/// The whole body must arrive within `--request-timeout-secs` of the head, or the answer
+/// is `408` and the connection closes: a producer whose body stalls would otherwise hold
+/// its connection, a file and hyper's buffers for as long as it likes.
 pub(crate) async fn publish_event(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let limit = state.config.max_event_bytes;
+    let key_header = request.headers().get("idempotency-key").cloned();
+    let deadline = state.config.request_timeout();
+    let body = tokio::time::timeout(deadline, Bytes::from_request(request, &state))
+        .await
+        .map_err(|_| ApiError::RequestTimeout {
+            secs: deadline.as_secs(),
+        })?;
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge { limit }
@@ -28,7 +37,7 @@ pub(crate) async fn publish_event(
         }
     })?;
     let request = publisher::parse_request(&body).map_err(ApiError::BadRequest)?;
-    let idempotency_key = match headers.get("idempotency-key") {
+    let idempotency_key = match &key_header {
         None => None,
         Some(value) => Some(
             value

@@ -11,6 +11,7 @@ mod deploy;
 mod fabric;
 mod harness;
 mod hostile;
+mod limits;
 mod proxy;
 mod single_replica;
 mod whatwg;

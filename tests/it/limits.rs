@@ -1,0 +1,223 @@
+//! What one client, or a crowd of stalled ones, may hold (issue 9, finding 4): request
+//! heads, request bodies and idle keep-alive connections have a deadline.
+//!
+//! Every exchange here is written by hand on a socket, so the test controls exactly when
+//! bytes stop arriving; every wait is bounded.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::GatewayBuilder;
+
+/// Longest wait for anything that should happen at once.
+const T: Duration = Duration::from_secs(5);
+
+/// The request timeout the deadline tests run with.
+const TIMEOUT_SECS: u64 = 2;
+
+/// An HTTP response read off a socket.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "not a JSON body ({}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts the project's error answer: `status`, a JSON content type and
+    /// `{"error": code, "message": <text>}`.
+    fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let json = self.json();
+        assert_eq!(json["error"], code, "{json}");
+        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}
+
+/// Reads one response (head, then a `content-length` body) within `within`; `None` if the
+/// connection ends or resets first.
+async fn read_answer(tcp: &mut TcpStream, within: Duration) -> Option<Answer> {
+    let reading = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                let mut lines = head.split("\r\n");
+                let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+                let headers: Vec<(String, String)> = lines
+                    .filter_map(|l| l.split_once(':'))
+                    .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                    .collect();
+                let length: usize = headers
+                    .iter()
+                    .find(|(n, _)| n == "content-length")
+                    .and_then(|(_, v)| v.parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < end + 4 + length {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return None,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let body = buf[end + 4..end + 4 + length].to_vec();
+                return Some(Answer {
+                    status,
+                    headers,
+                    body,
+                });
+            }
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(within, reading).await.ok().flatten()
+}
+
+/// Waits until the server closes the connection (end of file or reset), discarding what
+/// it sends; returns how long that took, or `None` if it is still open after `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    let waiting = async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = tcp.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(within, waiting)
+        .await
+        .ok()
+        .map(|()| start.elapsed())
+}
+
+/// One request on a new connection that asks to be closed afterwards, so it never stays
+/// as an idle keep-alive connection holding a place.
+async fn once(addr: SocketAddr, request: &str) -> Option<Answer> {
+    let mut tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(request.as_bytes()).await.ok()?;
+    read_answer(&mut tcp, T).await
+}
+
+fn post(body: &str) -> String {
+    format!(
+        "POST /api/events HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+const EVENT: &str = r#"{"type":"limits","data":1}"#;
+
+/// A `POST` whose head is complete and whose body stops after a few bytes.
+async fn stalled_post(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"POST /api/events HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\n\r\n{\"type\":",
+    )
+    .await
+    .unwrap();
+    tcp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_post_body_gets_408_within_the_deadline_and_the_connection_closes() {
+    let gw = GatewayBuilder::new()
+        .opt("--request-timeout-secs", TIMEOUT_SECS)
+        .spawn();
+    let start = Instant::now();
+    let mut tcp = stalled_post(gw.addr()).await;
+    let answer = read_answer(&mut tcp, Duration::from_secs(TIMEOUT_SECS) + T)
+        .await
+        .expect("an answer to the stalled POST");
+    let took = start.elapsed();
+    answer.assert_error(408, "request_timeout");
+    assert_eq!(answer.header("connection"), Some("close"), "{answer:?}");
+    assert!(
+        took >= Duration::from_millis(TIMEOUT_SECS * 1000 - 200)
+            && took < Duration::from_secs(TIMEOUT_SECS + 2),
+        "408 after {took:?}, deadline {TIMEOUT_SECS} s"
+    );
+    assert!(
+        closed_within(&mut tcp, T).await.is_some(),
+        "connection still open after the 408"
+    );
+    // Nothing was stored, and the next producer is served normally.
+    let answer = once(gw.addr(), &post(EVENT)).await.unwrap();
+    assert_eq!(answer.status, 202, "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_silent_connections_are_closed_after_the_request_timeout() {
+    let gw = GatewayBuilder::new()
+        .opt("--request-timeout-secs", TIMEOUT_SECS)
+        .spawn();
+    let deadline = Duration::from_secs(TIMEOUT_SECS);
+    let bound = deadline + Duration::from_secs(2);
+
+    // Idle between requests: a keep-alive connection that got its answer, then went quiet.
+    let mut idle = TcpStream::connect(gw.addr()).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_answer(&mut idle, T).await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_ne!(answer.header("connection"), Some("close"), "{answer:?}");
+    // Used again within the timeout, it still serves (the timer restarts per request).
+    tokio::time::sleep(deadline / 2).await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut idle, T).await.unwrap().status, 200);
+    let took = closed_within(&mut idle, bound + T)
+        .await
+        .expect("idle keep-alive connection never closed");
+    assert!(
+        took >= deadline - Duration::from_millis(200) && took < bound,
+        "idle connection closed after {took:?}, timeout {deadline:?}"
+    );
+
+    // Silent from the start: connected, never sent a byte.
+    let mut silent = TcpStream::connect(gw.addr()).await.unwrap();
+    let took = closed_within(&mut silent, bound + T)
+        .await
+        .expect("silent connection never closed");
+    assert!(took < bound, "silent connection closed after {took:?}");
+
+    // Half a head, then nothing.
+    let mut partial = TcpStream::connect(gw.addr()).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nho")
+        .await
+        .unwrap();
+    let took = closed_within(&mut partial, bound + T)
+        .await
+        .expect("half-sent head never closed");
+    assert!(took < bound, "half-sent head closed after {took:?}");
+}
