@@ -1,8 +1,11 @@
 //! The one error type HTTP handlers return: a status and a stable JSON body. Causes are
 //! logged here and never sent to clients.
 
+use std::fmt::Write as _;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde_json::json;
 
 use crate::broker;
@@ -96,6 +99,31 @@ impl From<PublishError> for ApiError {
 /// The JSON body of every error answer: `{"error": <code>, "message": <text>}`.
 pub(crate) fn error_body(code: &str, message: &str) -> String {
     json!({ "error": code, "message": message }).to_string()
+}
+
+/// A complete HTTP/1.1 error answer with the JSON body of [`error_body`] that closes the
+/// connection, for the places that answer on the raw socket, before or instead of hyper.
+pub(crate) fn raw_error_response(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    retry_after: Option<u32>,
+) -> Bytes {
+    let body = error_body(code, message);
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    if let Some(seconds) = retry_after {
+        let _ = write!(head, "retry-after: {seconds}\r\n");
+    }
+    let _ = write!(
+        head,
+        "connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    Bytes::from(head)
 }
 
 #[cfg(test)]

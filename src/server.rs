@@ -2,24 +2,31 @@
 //! stream is served on the raw socket (see `stream/raw.rs`), everything else is handed,
 //! untouched, to hyper and the axum router.
 //!
-//! A head must arrive within `--request-timeout-secs` of the connection opening or of its
-//! previous response (hyper's header timer also runs while a keep-alive connection is
-//! idle, so this is the idle timeout too); a request body gets the same deadline
-//! (`http/publish.rs`).
+//! What one client can hold is bounded here, the same way on both paths:
+//! - a request head is at most [`MAX_HEAD_BYTES`]; a longer one gets `431` (with the JSON
+//!   error body on a fresh connection, hyper's bare `431` on a reused one), so no stream
+//!   keeps a large head's buffer for its life;
+//! - a head must arrive within `--request-timeout-secs` of the connection opening or of
+//!   its previous response (hyper's header timer also runs while a keep-alive connection
+//!   is idle, so this is the idle timeout too); a request body gets the same deadline
+//!   (`http/publish.rs`).
 
 use std::io;
 use std::time::Duration;
 
 use axum::Router;
+use axum::http::StatusCode;
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::error::raw_error_response;
 use crate::state::AppState;
 use crate::stream::{ConnectionKill, StreamParams, serve_raw};
 use crate::telemetry::RateLimit;
@@ -27,9 +34,11 @@ use crate::telemetry::RateLimit;
 /// The path served on the raw socket.
 pub(crate) const STREAM_PATH: &str = "/api/events/stream";
 
-/// Longest request head read before deciding how to serve a connection; longer heads go
-/// to hyper, which enforces its own limits.
-const SNIFF_LIMIT: usize = 8192;
+/// Longest request head accepted, on either path. Browsers send well under 8 KiB; 16 KiB
+/// leaves room for large cookies. It is also hyper's `max_buf_size`, which bounds the read
+/// buffer hyper keeps for a connection's life (its default, ~400 KiB, let one stream with
+/// a 300 KB head keep ~311 KB).
+pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// First size of the sniffing buffer.
 const SNIFF_START: usize = 1024;
@@ -39,6 +48,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How often an incomplete request head is looked at again.
 const PEEK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How long a refusal written on the raw socket may take, including reading what the
+/// client still sends so that it gets the answer rather than a reset.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most bytes read and discarded after a refusal before the connection is dropped anyway.
+const REFUSAL_DRAIN_BYTES: usize = 1 << 20;
 
 /// Accepts connections until the gateway shuts down. Every connection task is tracked.
 pub(crate) async fn accept_loop(
@@ -69,12 +85,24 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// The answer to a request head longer than [`MAX_HEAD_BYTES`].
+fn head_too_large() -> Bytes {
+    raw_error_response(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "headers_too_large",
+        &format!("the request head exceeds {MAX_HEAD_BYTES} bytes"),
+        None,
+    )
+}
+
 /// What the first bytes of a connection say.
 enum Sniffed {
     /// A stream request; `head` is as long as its request head and can take it.
     Stream { head: Vec<u8>, params: StreamParams },
     /// Anything else: hyper serves it.
     Http,
+    /// The head is longer than [`MAX_HEAD_BYTES`].
+    TooLarge,
     /// The client left or sent nothing in time.
     Gone,
 }
@@ -96,12 +124,13 @@ async fn handle_connection(
             }
         }
         Sniffed::Http => Box::pin(serve_http(socket, state, router)).await,
+        Sniffed::TooLarge => Box::pin(answer_and_close(socket, head_too_large())).await,
         Sniffed::Gone => {}
     }
 }
 
 /// Peeks at the request head without consuming it, in a buffer that starts small (most
-/// heads fit in 1 KB) and doubles up to [`SNIFF_LIMIT`].
+/// heads fit in 1 KB) and doubles up to [`MAX_HEAD_BYTES`].
 async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; SNIFF_START];
@@ -116,8 +145,10 @@ async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
                 return Sniffed::Stream { head: buf, params };
             }
             Some(Classified::Http) => return Sniffed::Http,
-            None if peeked == buf.len() && buf.len() >= SNIFF_LIMIT => return Sniffed::Http,
-            None if peeked == buf.len() => buf.resize(buf.len() * 2, 0),
+            None if peeked == buf.len() && buf.len() >= MAX_HEAD_BYTES => {
+                return Sniffed::TooLarge;
+            }
+            None if peeked == buf.len() => buf.resize((buf.len() * 2).min(MAX_HEAD_BYTES), 0),
             None => {
                 if tokio::time::Instant::now() >= deadline {
                     return Sniffed::Gone;
@@ -166,6 +197,25 @@ fn classify(head: &[u8]) -> Option<Classified> {
     })
 }
 
+/// Writes `answer` and closes the connection, reading (and discarding) what the client
+/// still sends for a moment, so that it sees the answer rather than a connection reset.
+async fn answer_and_close(mut socket: TcpStream, answer: Bytes) {
+    let exchange = async {
+        socket.write_all(&answer).await?;
+        socket.shutdown().await?;
+        let mut scratch = vec![0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSAL_DRAIN_BYTES {
+            match socket.read(&mut scratch).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, exchange).await;
+}
+
 /// Serves a connection with hyper (HTTP/1.1, keep-alive) and the axum router.
 async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
     let kill = ConnectionKill::default();
@@ -179,6 +229,7 @@ async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
         // In hyper 1.12 this timer runs from the connection's start and again from each
         // response's end, so it is the idle timeout of a keep-alive connection as well.
         .header_read_timeout(state.config.request_timeout())
+        .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(socket), TowerToHyperService::new(service));
     tokio::pin!(connection);
     tokio::select! {

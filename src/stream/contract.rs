@@ -13,7 +13,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use crate::error::error_body;
+use crate::error::{error_body, raw_error_response};
 use crate::hub::End;
 use crate::sse;
 use crate::state::AppState;
@@ -44,12 +44,15 @@ impl Refusal {
         }
     }
 
-    fn body(self) -> String {
+    fn code_and_message(self) -> (&'static str, &'static str) {
         match self {
-            Self::Unavailable => {
-                error_body("unavailable", "this replica cannot take more streams now")
-            }
+            Self::Unavailable => ("unavailable", "this replica cannot take more streams now"),
         }
+    }
+
+    fn body(self) -> String {
+        let (code, message) = self.code_and_message();
+        error_body(code, message)
     }
 
     /// Seconds the client should wait before trying again.
@@ -61,22 +64,8 @@ impl Refusal {
 
     /// The refusal as a complete HTTP/1.1 response that closes the connection.
     pub fn to_raw(self) -> Bytes {
-        let body = self.body();
-        let status = self.status();
-        let mut head = format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        );
-        if let Some(seconds) = self.retry_after() {
-            let _ = write!(head, "retry-after: {seconds}\r\n");
-        }
-        let _ = write!(
-            head,
-            "connection: close\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        Bytes::from(head)
+        let (code, message) = self.code_and_message();
+        raw_error_response(self.status(), code, message, self.retry_after())
     }
 }
 

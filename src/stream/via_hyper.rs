@@ -29,7 +29,9 @@ impl ConnectionKill {
     }
 }
 
-/// Serves a stream through axum.
+/// Serves a stream through axum. Only the parsed options outlive this function: the
+/// request's head and headers are dropped here, and hyper's read buffer is bounded by
+/// `MAX_HEAD_BYTES` (see `server.rs`).
 pub(crate) async fn stream_events(
     State(state): State<AppState>,
     uri: Uri,
@@ -41,6 +43,7 @@ pub(crate) async fn stream_events(
     }
     let last_event_id = headers.get("last-event-id").map(HeaderValue::as_bytes);
     let params = StreamParams::parse(uri.query(), last_event_id);
+    drop((uri, headers));
     let kill = kill.map(|k| k.0.0.clone()).unwrap_or_default();
     let session = Session::open(&state, params, None, kill);
     let preamble = contract::preamble(state.config.retry_ms);

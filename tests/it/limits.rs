@@ -1,5 +1,6 @@
 //! What one client, or a crowd of stalled ones, may hold (issue 9, finding 4): request
-//! heads, request bodies and idle keep-alive connections have a deadline.
+//! heads, request bodies and idle keep-alive connections have a deadline, and a stream's
+//! request head is bounded on both paths.
 //!
 //! Every exchange here is written by hand on a socket, so the test controls exactly when
 //! bytes stop arriving; every wait is bounded.
@@ -11,7 +12,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::GatewayBuilder;
+use crate::harness::sse::metric_value;
+use crate::harness::{GatewayBuilder, GatewayProc, eventually};
 
 /// Longest wait for anything that should happen at once.
 const T: Duration = Duration::from_secs(5);
@@ -124,6 +126,10 @@ async fn once(addr: SocketAddr, request: &str) -> Option<Answer> {
     read_answer(&mut tcp, T).await
 }
 
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+}
+
 fn post(body: &str) -> String {
     format!(
         "POST /api/events HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\
@@ -144,6 +150,11 @@ async fn stalled_post(addr: SocketAddr) -> TcpStream {
     .await
     .unwrap();
     tcp
+}
+
+async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
+    let answer = once(addr, &get("/metrics")).await?;
+    metric_value(&String::from_utf8_lossy(&answer.body), name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,4 +231,130 @@ async fn idle_and_silent_connections_are_closed_after_the_request_timeout() {
         .await
         .expect("half-sent head never closed");
     assert!(took < bound, "half-sent head closed after {took:?}");
+}
+
+/// A head with one padding header making it about `size` bytes.
+fn stream_request(size: usize) -> String {
+    let pad = "a".repeat(size.saturating_sub(60));
+    format!("GET /api/events/stream HTTP/1.1\r\nhost: t\r\nx-pad: {pad}\r\n\r\n")
+}
+
+fn rss_kib(gw: &GatewayProc) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_stream_head_is_refused_with_431_on_both_paths() {
+    let gw = GatewayBuilder::new().spawn();
+    let addr = gw.addr();
+    let huge = stream_request(300_000);
+
+    // Fresh connection (raw path): the JSON error body.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let request = huge.clone();
+    let sending = tokio::spawn(async move {
+        let _ = writer.write_all(request.as_bytes()).await;
+        writer
+    });
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, reader.read_to_end(&mut buf)).await;
+    let _ = sending.await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "fresh connection: {:.200}",
+        text
+    );
+    let json: Value = serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(json["error"], "headers_too_large");
+
+    // Reused keep-alive connection (hyper path): hyper's own 431.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_answer(&mut tcp, T).await.unwrap().status, 200);
+    let (mut reader, mut writer) = tcp.into_split();
+    let sending = tokio::spawn(async move {
+        let _ = writer.write_all(huge.as_bytes()).await;
+        writer
+    });
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(T, async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let _ = sending.await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "reused connection: {:.200}",
+        text
+    );
+    assert_eq!(
+        metric(addr, "eventfabric_clients_connected").await,
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_a_large_head_under_the_limit_costs_what_any_stream_costs() {
+    const STREAMS: usize = 200;
+    let gw = GatewayBuilder::new().spawn();
+    let addr = gw.addr();
+    // Warm up the allocator and the runtime with one normal stream.
+    let mut warm = TcpStream::connect(addr).await.unwrap();
+    warm.write_all(stream_request(100).as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 15];
+    warm.read_exact(&mut head).await.unwrap();
+    let before = rss_kib(&gw);
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(stream_request(14_000).as_bytes())
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(T, async {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !String::from_utf8_lossy(&buf).contains("retry:") {
+                let n = tcp.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            String::from_utf8_lossy(&buf).to_string()
+        })
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // Served on the raw socket: no chunked framing, the body ends with the connection.
+        assert!(!answer.contains("transfer-encoding"), "{answer}");
+        streams.push(tcp);
+    }
+    eventually("every stream is counted", T, || async {
+        (metric(addr, "eventfabric_clients_connected").await? >= (STREAMS + 1) as f64).then_some(())
+    })
+    .await;
+    let per_stream = (rss_kib(&gw).saturating_sub(before)) as f64 / STREAMS as f64;
+    // A stream served by hyper after a 14 KB head kept ~18 KiB before the limit existed.
+    assert!(
+        per_stream < 8.0,
+        "{per_stream:.1} KiB per stream with a 14 KB head"
+    );
+    drop(streams);
 }
