@@ -6,8 +6,19 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Open files kept back from `--max-clients 0` for Redis, logs and non-stream requests.
-const FD_RESERVE: u64 = 500;
+/// Default of `--max-other-connections`.
+pub(crate) const DEFAULT_MAX_OTHER_CONNECTIONS: u64 = 256;
+
+/// Connections beyond `--max-other-connections` kept for `/healthz`, `/readyz` and
+/// `/metrics` (and for stream requests, which leave it once admitted), so probes and
+/// scrapes still answer when the other connections are all taken.
+pub(crate) const HEALTH_RESERVE: usize = 16;
+
+/// Open files that are neither streams nor client connections: the listener, the Redis
+/// subscriber, command pool (16) and canary, standard streams, the runtime's own files,
+/// and connections accepted only to be closed at the cap. With the defaults the open-file
+/// limit keeps 256 + 16 + 228 = 500 files back from `--max-clients 0`.
+const FD_MARGIN: u64 = 228;
 
 /// Default of `--history` (also the function library's default).
 pub(crate) const DEFAULT_HISTORY: u64 = 10_000;
@@ -106,8 +117,9 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
     pub max_event_bytes: u64,
 
-    /// Most SSE clients this replica serves at once; 0 means the open-file limit minus a
-    /// reserve of 500. Clients beyond it get `503` and retry elsewhere.
+    /// Most SSE clients this replica serves at once; 0 means the open-file limit minus
+    /// what the other connections may use (500 with the defaults). Clients beyond it get
+    /// `503` and retry elsewhere.
     #[arg(
         long,
         env = "EVENTFABRIC_MAX_CLIENTS",
@@ -115,6 +127,13 @@ pub struct Config {
         global = true
     )]
     pub max_clients: u64,
+
+    /// Most connections open at once that are not event streams: requests, idle
+    /// keep-alive connections and connections still sending their request head. Beyond it
+    /// (and a reserve of 16 for `/healthz`, `/readyz` and `/metrics`) requests get `503`.
+    #[arg(long, env = "EVENTFABRIC_MAX_OTHER_CONNECTIONS", default_value_t = DEFAULT_MAX_OTHER_CONNECTIONS,
+          global = true, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_other_connections: u64,
 
     /// Seconds a client may take to send a request head or a request body, and may leave a
     /// keep-alive connection idle between requests, before it is answered `408` or closed.
@@ -206,13 +225,33 @@ impl Config {
         Duration::from_secs(self.request_timeout_secs)
     }
 
-    /// The client cap to enforce: the configured one, or what the open-file limit allows.
+    /// The client cap to enforce: the configured one, or what the open-file limit leaves
+    /// once the other connections, their reserve and the margin are set aside.
     pub fn resolved_max_clients(&self) -> usize {
         if self.max_clients > 0 {
             return self.max_clients as usize;
         }
         let limit = open_file_limit().unwrap_or(1024);
-        limit.saturating_sub(FD_RESERVE).max(1) as usize
+        limit.saturating_sub(self.files_besides_streams()).max(1) as usize
+    }
+
+    /// Open files the gateway may need besides its streams.
+    fn files_besides_streams(&self) -> u64 {
+        self.max_other_connections + HEALTH_RESERVE as u64 + FD_MARGIN
+    }
+
+    /// A warning when the configured caps can take more files than the process may open
+    /// (then `accept` fails and health checks time out before any cap is reached).
+    pub fn file_limit_warning(&self) -> Option<String> {
+        let limit = open_file_limit()?;
+        let needed = self.resolved_max_clients() as u64 + self.files_besides_streams();
+        (needed > limit).then(|| {
+            format!(
+                "--max-clients + --max-other-connections + {} reserved files = {needed} \
+                 exceeds the open-file limit {limit}; lower them or raise the limit",
+                HEALTH_RESERVE as u64 + FD_MARGIN
+            )
+        })
     }
 }
 
@@ -240,6 +279,7 @@ mod tests {
         assert_eq!(c.client_queue, 100);
         assert_eq!(c.history, 10_000);
         assert_eq!(c.max_event_bytes, 65_536);
+        assert_eq!(c.max_other_connections, 256);
         assert_eq!(c.request_timeout_secs, 10);
     }
 
@@ -268,5 +308,28 @@ mod tests {
             ..c
         };
         assert_eq!(c.resolved_max_clients(), 7);
+    }
+
+    #[test]
+    fn streams_and_other_connections_fit_the_file_limit_by_default() {
+        let c = Config::default_for_tests();
+        // The documented reserve of `--max-clients 0` is unchanged by the split.
+        assert_eq!(c.files_besides_streams(), 500);
+        assert!(c.file_limit_warning().is_none());
+        if let Some(limit) = open_file_limit().filter(|&l| l > 500) {
+            assert_eq!(c.resolved_max_clients() as u64, limit - 500);
+        }
+        let c = Config {
+            max_other_connections: 1000,
+            ..c
+        };
+        if let Some(limit) = open_file_limit().filter(|&l| l > 1244) {
+            assert_eq!(c.resolved_max_clients() as u64, limit - 1244);
+        }
+        let c = Config {
+            max_clients: 1 << 40,
+            ..c
+        };
+        assert!(c.file_limit_warning().is_some());
     }
 }

@@ -11,6 +11,7 @@
 //! - `stream`: the response contract every stream shares (admission, headers, `503`,
 //!   farewell `retry:`) and its two writers, raw socket and hyper.
 //! - `server`: the accept loop that routes each connection to a stream writer or hyper.
+//! - `connections`: the cap on connections that are not streams, and its reserve.
 //! - `http`: the axum routes (publish, stats, health, metrics).
 //! - `publisher`: publishing API for Rust producers.
 //! - `metrics`: counters behind `/metrics` and `/api/events/stats`.
@@ -18,6 +19,7 @@
 
 mod broker;
 mod config;
+mod connections;
 mod error;
 mod event;
 mod http;
@@ -156,8 +158,12 @@ impl Gateway {
             broker = state.broker.kind(),
             replica = &*state.replica_id,
             max_clients = state.max_clients,
+            max_other_connections = state.config.max_other_connections,
             "eventfabric listening"
         );
+        if let Some(warning) = state.config.file_limit_warning() {
+            tracing::warn!(%warning, "connection caps exceed the open-file limit");
+        }
         let router = http::router(state.clone());
         server::accept_loop(listener, state.clone(), router, tracker.clone()).await;
         tracker.close();

@@ -40,6 +40,12 @@ pub struct Metrics {
     pub publish_errors: Counter,
     /// Messages from the broker that were dropped as malformed.
     pub bad_messages: Counter,
+    /// Open connections that are not event streams, under `--max-other-connections`
+    /// (also the count that cap is enforced on; see `connections.rs`).
+    pub other_connections: Gauge,
+    /// Connections turned away because `--max-other-connections` and its reserve were
+    /// taken.
+    pub connections_refused: Counter,
     events_by_type_metric: Family<Vec<(String, String)>, Counter>,
     events_by_type: Mutex<BTreeMap<Box<str>, u64>>,
 }
@@ -62,6 +68,8 @@ impl Metrics {
         let history_truncated = Counter::default();
         let publish_errors = Counter::default();
         let bad_messages = Counter::default();
+        let other_connections = Gauge::default();
+        let connections_refused = Counter::default();
         let events_by_type_metric = Family::default();
         registry.register(
             "eventfabric_clients_connected",
@@ -108,6 +116,16 @@ impl Metrics {
             "Malformed messages from the broker that were dropped",
             bad_messages.clone(),
         );
+        registry.register(
+            "eventfabric_other_connections",
+            "Open connections that are not event streams",
+            other_connections.clone(),
+        );
+        registry.register(
+            "eventfabric_connections_refused",
+            "Connections turned away because the cap on non-stream connections was reached",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             clients_connected,
@@ -118,6 +136,8 @@ impl Metrics {
             history_truncated,
             publish_errors,
             bad_messages,
+            other_connections,
+            connections_refused,
             events_by_type_metric,
             events_by_type: Mutex::new(BTreeMap::new()),
         }
@@ -186,6 +206,8 @@ mod tests {
             "eventfabric_resumes_total",
             "eventfabric_history_truncated_total",
             "eventfabric_publish_errors_total",
+            "eventfabric_other_connections",
+            "eventfabric_connections_refused_total",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -1,6 +1,7 @@
-//! The accept loop. Each connection's request head is read first: a `GET` of the event
-//! stream is served on the raw socket (see `stream/raw.rs`), everything else is handed,
-//! untouched, to hyper and the axum router.
+//! The accept loop. Every connection first takes a place under the cap on connections
+//! that are not streams (`connections.rs`); then its request head is read: a `GET` of the
+//! event stream is served on the raw socket (see `stream/raw.rs`) and gives the place
+//! back, everything else is handed, untouched, to hyper and the axum router.
 //!
 //! What one client can hold is bounded here, the same way on both paths:
 //! - a request head is at most [`MAX_HEAD_BYTES`]; a longer one gets `431` (with the JSON
@@ -9,7 +10,10 @@
 //! - a head must arrive within `--request-timeout-secs` of the connection opening or of
 //!   its previous response (hyper's header timer also runs while a keep-alive connection
 //!   is idle, so this is the idle timeout too); a request body gets the same deadline
-//!   (`http/publish.rs`).
+//!   (`http/publish.rs`);
+//! - beyond `--max-other-connections`, a small reserve serves only `/healthz`, `/readyz`,
+//!   `/metrics` and streams; other requests get a quick `503`, and with the reserve full
+//!   too a connection is closed as soon as it is accepted.
 
 use std::io;
 use std::time::Duration;
@@ -26,6 +30,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::connections::Slot;
 use crate::error::raw_error_response;
 use crate::state::AppState;
 use crate::stream::{ConnectionKill, StreamParams, serve_raw};
@@ -43,18 +48,28 @@ pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// First size of the sniffing buffer.
 const SNIFF_START: usize = 1024;
 
+/// How long a connection in the health reserve may take to send its head: probes send
+/// theirs at once, and a stalled one must not hold the reserve.
+const RESERVE_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Pause after a failed accept (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How often an incomplete request head is looked at again.
 const PEEK_INTERVAL: Duration = Duration::from_millis(5);
 
-/// How long a refusal written on the raw socket may take, including reading what the
-/// client still sends so that it gets the answer rather than a reset.
-const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a refusal written on the raw socket may take to write.
+const REFUSAL_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// How long, after a refusal, what the client still sends is read and discarded, so that
+/// it gets the answer rather than a connection reset.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// Most bytes read and discarded after a refusal before the connection is dropped anyway.
 const REFUSAL_DRAIN_BYTES: usize = 1 << 20;
+
+/// Paths a connection in the health reserve may ask for.
+const PROBE_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 /// Accepts connections until the gateway shuts down. Every connection task is tracked.
 pub(crate) async fn accept_loop(
@@ -69,20 +84,41 @@ pub(crate) async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((socket, _)) => {
-                tracker.spawn(handle_connection(
-                    socket,
-                    state.clone(),
-                    router.clone(),
-                    tracker.clone(),
-                ));
-            }
+            Ok((socket, _)) => match state.connections.take() {
+                Some(slot) => {
+                    tracker.spawn(handle_connection(
+                        socket,
+                        slot,
+                        state.clone(),
+                        router.clone(),
+                        tracker.clone(),
+                    ));
+                }
+                None => turn_away(socket, &state),
+            },
             Err(error) => {
                 tracing::warn!(%error, "accept failed; backing off");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
+}
+
+/// Closes a connection accepted with every place taken, after one non-blocking attempt
+/// to say why. Its file is free again at once, so `accept` keeps working at the cap.
+fn turn_away(socket: TcpStream, state: &AppState) {
+    state.metrics.connections_refused.inc();
+    let _ = socket.try_write(&busy());
+}
+
+/// The answer to a request that finds every connection place taken.
+fn busy() -> Bytes {
+    raw_error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "this replica has too many open connections; retry later",
+        Some(1),
+    )
 }
 
 /// The answer to a request head longer than [`MAX_HEAD_BYTES`].
@@ -99,8 +135,8 @@ fn head_too_large() -> Bytes {
 enum Sniffed {
     /// A stream request; `head` is as long as its request head and can take it.
     Stream { head: Vec<u8>, params: StreamParams },
-    /// Anything else: hyper serves it.
-    Http,
+    /// Anything else: hyper serves it. `probe` is set for a health or metrics request.
+    Http { probe: bool },
     /// The head is longer than [`MAX_HEAD_BYTES`].
     TooLarge,
     /// The client left or sent nothing in time.
@@ -111,20 +147,39 @@ enum Sniffed {
 /// so an idle client's memory is that task and nothing left over from the sniffing.
 async fn handle_connection(
     mut socket: TcpStream,
+    slot: Slot,
     state: AppState,
     router: Router,
     tracker: TaskTracker,
 ) {
     let _ = socket.set_nodelay(true);
-    match sniff(&socket, state.config.request_timeout()).await {
+    let mut head_timeout = state.config.request_timeout();
+    if slot.is_reserve() {
+        head_timeout = head_timeout.min(RESERVE_HEAD_TIMEOUT);
+    }
+    match sniff(&socket, head_timeout).await {
         Sniffed::Stream { mut head, params } => {
             if socket.read_exact(&mut head).await.is_ok() {
                 drop(head);
+                // From here on the connection is a stream, capped by `--max-clients`.
+                drop(slot);
                 tracker.spawn(serve_raw(socket, params, state));
             }
         }
-        Sniffed::Http => Box::pin(serve_http(socket, state, router)).await,
-        Sniffed::TooLarge => Box::pin(answer_and_close(socket, head_too_large())).await,
+        Sniffed::Http { probe: false } if slot.is_reserve() => {
+            state.metrics.connections_refused.inc();
+            Box::pin(answer_and_close(socket, busy(), Duration::ZERO)).await;
+        }
+        Sniffed::Http { .. } => Box::pin(serve_http(socket, slot, state, router)).await,
+        Sniffed::TooLarge => {
+            // A reserve place is not held while a client finishes sending a huge head.
+            let linger = if slot.is_reserve() {
+                Duration::ZERO
+            } else {
+                REFUSAL_LINGER
+            };
+            Box::pin(answer_and_close(socket, head_too_large(), linger)).await;
+        }
         Sniffed::Gone => {}
     }
 }
@@ -144,7 +199,7 @@ async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
                 buf.truncate(head_len);
                 return Sniffed::Stream { head: buf, params };
             }
-            Some(Classified::Http) => return Sniffed::Http,
+            Some(Classified::Http { probe }) => return Sniffed::Http { probe },
             None if peeked == buf.len() && buf.len() >= MAX_HEAD_BYTES => {
                 return Sniffed::TooLarge;
             }
@@ -166,8 +221,8 @@ enum Classified {
         head_len: usize,
         params: StreamParams,
     },
-    /// Anything else.
-    Http,
+    /// Anything else; `probe` for a `GET` or `HEAD` of a health or metrics path.
+    Http { probe: bool },
 }
 
 /// Decides from a (possibly partial) head; `None` means more bytes are needed.
@@ -177,14 +232,15 @@ fn classify(head: &[u8]) -> Option<Classified> {
     let head_len = match request.parse(head) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
-        Err(_) => return Some(Classified::Http),
+        Err(_) => return Some(Classified::Http { probe: false }),
     };
     let (path, query) = match request.path?.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (request.path?, None),
     };
     if request.method != Some("GET") || path != STREAM_PATH {
-        return Some(Classified::Http);
+        let probe = matches!(request.method, Some("GET" | "HEAD")) && PROBE_PATHS.contains(&path);
+        return Some(Classified::Http { probe });
     }
     let last_event_id = request
         .headers
@@ -197,31 +253,50 @@ fn classify(head: &[u8]) -> Option<Classified> {
     })
 }
 
-/// Writes `answer` and closes the connection, reading (and discarding) what the client
-/// still sends for a moment, so that it sees the answer rather than a connection reset.
-async fn answer_and_close(mut socket: TcpStream, answer: Bytes) {
-    let exchange = async {
+/// Writes `answer` and closes the connection. What the client has already sent is read
+/// first, and what it still sends is read (and discarded) for up to `linger`, so that it
+/// sees the answer rather than a connection reset.
+async fn answer_and_close(mut socket: TcpStream, answer: Bytes, linger: Duration) {
+    let mut scratch = vec![0u8; 4096];
+    let mut drained = 0;
+    while drained < REFUSAL_DRAIN_BYTES {
+        match socket.try_read(&mut scratch) {
+            Ok(n) if n > 0 => drained += n,
+            _ => break,
+        }
+    }
+    let answering = async {
         socket.write_all(&answer).await?;
-        socket.shutdown().await?;
-        let mut scratch = vec![0u8; 4096];
-        let mut drained = 0;
+        socket.shutdown().await
+    };
+    if !matches!(
+        tokio::time::timeout(REFUSAL_TIMEOUT, answering).await,
+        Ok(Ok(()))
+    ) || linger.is_zero()
+    {
+        return;
+    }
+    let lingering = async {
         while drained < REFUSAL_DRAIN_BYTES {
-            match socket.read(&mut scratch).await? {
-                0 => break,
-                n => drained += n,
+            match socket.read(&mut scratch).await {
+                Ok(n) if n > 0 => drained += n,
+                _ => break,
             }
         }
-        io::Result::Ok(())
     };
-    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, exchange).await;
+    let _ = tokio::time::timeout(linger, lingering).await;
 }
 
-/// Serves a connection with hyper (HTTP/1.1, keep-alive) and the axum router.
-async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
+/// Serves a connection with hyper (HTTP/1.1, keep-alive) and the axum router. The
+/// connection keeps `slot` until it closes, unless a stream on it gives it back; a
+/// connection from the health reserve carries one request only.
+async fn serve_http(socket: TcpStream, slot: Slot, state: AppState, router: Router) {
     let kill = ConnectionKill::default();
     let kicked = kill.clone();
+    let keep_alive = !slot.is_reserve();
     let service = router.map_request(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(kill.clone());
+        request.extensions_mut().insert(slot.clone());
         request
     });
     let connection = http1::Builder::new()
@@ -230,6 +305,7 @@ async fn serve_http(socket: TcpStream, state: AppState, router: Router) {
         // response's end, so it is the idle timeout of a keep-alive connection as well.
         .header_read_timeout(state.config.request_timeout())
         .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(keep_alive)
         .serve_connection(TokioIo::new(socket), TowerToHyperService::new(service));
     tokio::pin!(connection);
     tokio::select! {
@@ -295,8 +371,29 @@ mod tests {
             b"GET /api/events/streamx HTTP/1.1\r\n\r\n",
             b"\x16\x03\x01 garbage\r\n\r\n",
         ] {
-            assert!(matches!(classify(head), Some(Classified::Http)), "{head:?}");
+            assert!(
+                matches!(classify(head), Some(Classified::Http { probe: false })),
+                "{head:?}"
+            );
         }
+    }
+
+    #[test]
+    fn health_and_metrics_requests_are_probes() {
+        for head in [
+            &b"GET /healthz HTTP/1.1\r\n\r\n"[..],
+            b"GET /readyz?x=1 HTTP/1.1\r\n\r\n",
+            b"HEAD /metrics HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(
+                matches!(classify(head), Some(Classified::Http { probe: true })),
+                "{head:?}"
+            );
+        }
+        assert!(matches!(
+            classify(b"POST /healthz HTTP/1.1\r\n\r\n"),
+            Some(Classified::Http { probe: false })
+        ));
     }
 
     #[test]

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, HEALTH_RESERVE};
+use crate::connections::ConnectionCaps;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -44,6 +45,8 @@ pub(crate) struct SharedState {
     pub shutdown: CancellationToken,
     /// Most stream clients served at once.
     pub max_clients: usize,
+    /// The cap on connections that are not streams, and its reserve.
+    pub connections: ConnectionCaps,
     /// Response head and `retry:` line that open every raw stream.
     pub stream_preamble: Bytes,
 }
@@ -61,6 +64,11 @@ impl AppState {
         let inner = SharedState {
             replica_id,
             max_clients: config.resolved_max_clients(),
+            connections: ConnectionCaps::new(
+                usize::try_from(config.max_other_connections).unwrap_or(usize::MAX),
+                HEALTH_RESERVE,
+                metrics.other_connections.clone(),
+            ),
             stream_preamble: crate::stream::raw_preamble(config.retry_ms),
             config,
             hub,

@@ -6,13 +6,14 @@ use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Uri};
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::contract;
 use super::{Session, StreamParams};
+use crate::connections::Slot;
 use crate::state::AppState;
 
 /// Cancelling this drops the HTTP connection it belongs to. The hub cancels it when a
@@ -29,14 +30,19 @@ impl ConnectionKill {
     }
 }
 
-/// Serves a stream through axum. Only the parsed options outlive this function: the
-/// request's head and headers are dropped here, and hyper's read buffer is bounded by
-/// `MAX_HEAD_BYTES` (see `server.rs`).
+/// Serves a stream through axum.
+///
+/// The connection's place under the cap on non-stream connections is given back, since
+/// `--max-clients` now counts it, and the response says `Connection: close` so that the
+/// connection cannot go back to carrying other requests without a place. Only the parsed
+/// options outlive this function: the request's head and headers are dropped here, and
+/// hyper's read buffer is bounded by `MAX_HEAD_BYTES` (see `server.rs`).
 pub(crate) async fn stream_events(
     State(state): State<AppState>,
     uri: Uri,
     headers: HeaderMap,
     kill: Option<axum::Extension<ConnectionKill>>,
+    slot: Option<axum::Extension<Slot>>,
 ) -> Response {
     if let Err(refusal) = contract::admit(&state) {
         return refusal.into_response();
@@ -46,6 +52,9 @@ pub(crate) async fn stream_events(
     drop((uri, headers));
     let kill = kill.map(|k| k.0.0.clone()).unwrap_or_default();
     let session = Session::open(&state, params, None, kill);
+    if let Some(axum::Extension(slot)) = slot {
+        slot.release();
+    }
     let preamble = contract::preamble(state.config.retry_ms);
     let body = futures::stream::once(async move { Ok::<_, Infallible>(preamble) }).chain(
         futures::stream::unfold(Some((session, state)), |step| async move {
@@ -66,6 +75,9 @@ pub(crate) async fn stream_events(
     );
     let mut response = Body::from_stream(body).into_response();
     response.headers_mut().extend(contract::header_map());
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

@@ -1,6 +1,7 @@
 //! What one client, or a crowd of stalled ones, may hold (issue 9, finding 4): request
-//! heads, request bodies and idle keep-alive connections have a deadline, and a stream's
-//! request head is bounded on both paths.
+//! bodies and idle keep-alive connections have a deadline, connections that are not
+//! streams have a cap of their own with a reserve that keeps `/healthz` and `/metrics`
+//! answering at it, and a stream's request head is bounded on both paths.
 //!
 //! Every exchange here is written by hand on a socket, so the test controls exactly when
 //! bytes stop arriving; every wait is bounded.
@@ -231,6 +232,110 @@ async fn idle_and_silent_connections_are_closed_after_the_request_timeout() {
         .await
         .expect("half-sent head never closed");
     assert!(took < bound, "half-sent head closed after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_health_answers_other_requests_are_refused_and_service_resumes() {
+    const CAP: usize = 4;
+    let gw = GatewayBuilder::new()
+        .opt("--max-other-connections", CAP)
+        .opt("--request-timeout-secs", 30)
+        .spawn();
+    let addr = gw.addr();
+
+    let mut stalled = Vec::new();
+    for _ in 0..CAP {
+        stalled.push(stalled_post(addr).await);
+    }
+    eventually("the stalled POSTs fill the cap", T, || async {
+        (metric(addr, "eventfabric_other_connections").await? >= CAP as f64).then_some(())
+    })
+    .await;
+
+    // Probes are answered from the reserve.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let answer = once(addr, &get(path)).await.expect(path);
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+        assert_eq!(answer.header("connection"), Some("close"), "{path}");
+    }
+    // Anything else gets a quick 503 that says when to come back.
+    let start = Instant::now();
+    let answer = once(addr, &post(EVENT)).await.expect("an answer to a POST");
+    let took = start.elapsed();
+    answer.assert_error(503, "unavailable");
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+    // A stream still opens: streams are capped by --max-clients, not by this cap.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/events/stream HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 15];
+    tokio::time::timeout(T, stream.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 OK");
+    let refused = metric(addr, "eventfabric_connections_refused_total")
+        .await
+        .unwrap();
+    assert!(refused >= 1.0, "refusals not counted: {refused}");
+
+    // The stalled producers go; service resumes.
+    drop(stalled);
+    eventually("a POST is accepted again", T, || async {
+        let answer = once(addr, &post(EVENT)).await?;
+        (answer.status == 202).then_some(())
+    })
+    .await;
+    // Only the /metrics request itself is counted once the others have closed.
+    eventually("the gauge falls back", T, || async {
+        (metric(addr, "eventfabric_other_connections").await? == 1.0).then_some(())
+    })
+    .await;
+    drop(stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_cap_and_its_reserve_connections_are_closed_at_once_and_probes_recover() {
+    // The reserve holds 16 connections; a silent one leaves it after 1 s.
+    const RESERVE: usize = 16;
+    let gw = GatewayBuilder::new()
+        .opt("--max-other-connections", 1)
+        .opt("--request-timeout-secs", 30)
+        .spawn();
+    let addr = gw.addr();
+    let _stalled = stalled_post(addr).await;
+    eventually("the stalled POST takes the cap", T, || async {
+        (metric(addr, "eventfabric_other_connections").await? >= 1.0).then_some(())
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..RESERVE {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Every place is taken: a new connection is answered (or just closed) at once.
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    let _ = extra.write_all(get("/healthz").as_bytes()).await;
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(T, extra.read_to_end(&mut seen)).await;
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(1), "closed after {took:?}");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 503"),
+        "unexpected answer beyond the reserve: {text}"
+    );
+    // The silent connections time out of the reserve; probes answer again.
+    eventually("/healthz answers once the reserve frees up", T, || async {
+        let answer = once(addr, &get("/healthz")).await?;
+        (answer.status == 200).then_some(())
+    })
+    .await;
+    drop(silent);
 }
 
 /// A head with one padding header making it about `size` bytes.
