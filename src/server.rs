@@ -55,8 +55,12 @@ const RESERVE_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// How often an incomplete request head is looked at again.
+/// How often an incomplete request head is looked at again: soon after bytes arrived,
+/// then less and less often while it stalls (a peek cannot wait for *more* bytes).
 const PEEK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Longest pause between looks at a stalled request head.
+const PEEK_INTERVAL_MAX: Duration = Duration::from_millis(100);
 
 /// How long a refusal written on the raw socket may take to write.
 const REFUSAL_TIMEOUT: Duration = Duration::from_millis(200);
@@ -189,6 +193,8 @@ async fn handle_connection(
 async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; SNIFF_START];
+    let mut interval = PEEK_INTERVAL;
+    let mut seen = 0;
     loop {
         let peeked = match tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniffed::Gone,
@@ -208,7 +214,14 @@ async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
                 if tokio::time::Instant::now() >= deadline {
                     return Sniffed::Gone;
                 }
-                tokio::time::sleep(PEEK_INTERVAL).await;
+                interval = if peeked > seen {
+                    PEEK_INTERVAL
+                } else {
+                    (interval * 2).min(PEEK_INTERVAL_MAX)
+                };
+                seen = peeked;
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + interval))
+                    .await;
             }
         }
     }
