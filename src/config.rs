@@ -1,7 +1,10 @@
 //! Command line and environment: every operator setting, its flag, its variable and its
 //! default, validated once at start-up.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -25,6 +28,71 @@ pub(crate) const DEFAULT_HISTORY: u64 = 10_000;
 
 /// Default of `--max-event-bytes` (also the function library's default).
 pub(crate) const DEFAULT_MAX_EVENT_BYTES: u64 = 65_536;
+
+/// A secret setting: `Debug` never shows it, so no log or error can.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A Redis URL as given; `Debug` shows it with any password replaced.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The URL, password included.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RedisUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({:?})", redact_url(&self.0))
+    }
+}
+
+/// `scheme://user:password@host...` with the password replaced by `<redacted>`.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
 
 /// eventfabric: a Server-Sent Events gateway. Producers publish events; every connected
 /// browser receives them, and can resume after a reconnect without losing any.
@@ -156,10 +224,26 @@ pub struct Config {
     #[arg(long, env = "EVENTFABRIC_REPLICA_ID", global = true)]
     pub replica_id: Option<String>,
 
-    /// Redis URL (`redis://[user:pass@]host:port[/db]`). Unset: a single replica with an
-    /// in-process broker. Set: one replica of a cluster sharing this Redis.
+    /// Redis URL (`redis://[user[:pass]@]host:port[/db]`). Unset: a single replica with an
+    /// in-process broker. Set: one replica of a cluster sharing this Redis. Give an ACL
+    /// user's password with --redis-password-file or REDIS_PASSWORD rather than in the URL.
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
+
+    /// Password for Redis (the user named in the URL, or the default user). Prefer the
+    /// variable or --redis-password-file: a flag's value shows in process lists.
+    #[arg(long, env = "REDIS_PASSWORD", global = true, hide_env_values = true)]
+    pub redis_password: Option<Secret>,
+
+    /// File holding the Redis password (a mounted secret), read at start; a trailing
+    /// newline is ignored.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_REDIS_PASSWORD_FILE",
+        global = true,
+        conflicts_with = "redis_password"
+    )]
+    pub redis_password_file: Option<PathBuf>,
 
     /// Prefix of every Redis key and channel; replicas sharing it form one cluster.
     #[arg(long, env = "EVENTFABRIC_NAMESPACE", default_value = "eventfabric", global = true,
@@ -182,9 +266,25 @@ impl Config {
     /// The Redis URL, if one is configured (an empty value counts as none).
     pub fn redis_url(&self) -> Option<&str> {
         self.redis_url
-            .as_deref()
-            .map(str::trim)
+            .as_ref()
+            .map(|url| url.0.trim())
             .filter(|url| !url.is_empty())
+    }
+
+    /// The Redis password from `--redis-password-file` or `REDIS_PASSWORD`, if any. The
+    /// error names the file, never its content.
+    pub fn redis_password(&self) -> Result<Option<Secret>, String> {
+        if let Some(path) = &self.redis_password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                format!("cannot read --redis-password-file {}: {e}", path.display())
+            })?;
+            let password = text.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err(format!("--redis-password-file {} is empty", path.display()));
+            }
+            return Ok(Some(Secret(password.to_owned())));
+        }
+        Ok(self.redis_password.clone().filter(|p| !p.0.is_empty()))
     }
 
     /// Heartbeat interval.
@@ -269,6 +369,70 @@ fn open_file_limit() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_show_in_debug_output() {
+        for (url, shown) in [
+            (
+                "redis://gw:s3cret@h:6379/0",
+                "redis://gw:<redacted>@h:6379/0",
+            ),
+            ("rediss://:s3cret@h", "rediss://:<redacted>@h"),
+            ("redis://h:6379", "redis://h:6379"),
+            ("redis://user@h/1?x=a:b@c", "redis://user@h/1?x=a:b@c"),
+            ("redis://u:p@ss:w@rd@h:1", "redis://u:<redacted>@h:1"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        let cli = Cli::parse_from([
+            "eventfabric",
+            "--redis-url",
+            "redis://gw:s3cret@h:6379",
+            "--redis-password",
+            "hunter2",
+        ]);
+        let debug = format!("{:?}", cli.config);
+        assert!(
+            !debug.contains("s3cret") && !debug.contains("hunter2"),
+            "{debug}"
+        );
+        assert_eq!(
+            cli.config.redis_password().unwrap().unwrap().expose(),
+            "hunter2"
+        );
+    }
+
+    #[test]
+    fn the_password_file_is_read_without_its_newline_and_named_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("redis-password");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let path = file.to_str().unwrap();
+        let cli = Cli::parse_from(["eventfabric", "--redis-password-file", path]);
+        assert_eq!(
+            cli.config.redis_password().unwrap().unwrap().expose(),
+            "from-file"
+        );
+        std::fs::write(&file, "\n").unwrap();
+        let error = cli.config.redis_password().unwrap_err();
+        assert!(error.contains(path) && error.contains("empty"), "{error}");
+        let missing = Cli::parse_from(["eventfabric", "--redis-password-file", "/nonexistent/pw"]);
+        assert!(
+            missing
+                .config
+                .redis_password()
+                .unwrap_err()
+                .contains("/nonexistent/pw")
+        );
+        let both = Cli::try_parse_from([
+            "eventfabric",
+            "--redis-password-file",
+            path,
+            "--redis-password",
+            "x",
+        ]);
+        assert!(both.is_err(), "a password from two places must be refused");
+    }
 
     #[test]
     fn defaults_match_the_documented_values() {

@@ -40,13 +40,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use broker::{ClusterStats, Error as BrokerError, ReplicaStats};
-pub use config::{Cli, Command, Config, LogFormat};
+pub use config::{Cli, Command, Config, LogFormat, RedisUrl, Secret};
 pub use event::EventId;
 pub use publisher::{PublishError, Publisher};
 pub use shutdown::cancel_on_signal;
 pub use telemetry::init as init_logging;
 
-use broker::{Broker, RedisSettings};
+use broker::{Broker, RedisSettings, RedisTarget};
 use hub::Hub;
 use metrics::Metrics;
 use state::AppState;
@@ -80,16 +80,26 @@ impl Gateway {
             config.fanout_threads(),
             Arc::clone(&metrics),
         );
-        let broker = match config.redis_url() {
+        let target = match config.redis_url() {
+            None => None,
+            Some(url) => {
+                let password = config
+                    .redis_password()
+                    .map_err(|why| StartError::Broker(BrokerError::Rejected(why)))?;
+                let password = password.as_ref().map(config::Secret::expose);
+                Some(RedisTarget::new(url, password).map_err(StartError::Broker)?)
+            }
+        };
+        let broker = match target {
             None => Broker::memory(
                 config.history,
                 hub.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(&replica_id),
             ),
-            Some(url) => Broker::redis(
+            Some(target) => Broker::redis(
                 RedisSettings {
-                    url: url.to_owned(),
+                    target,
                     namespace: config.namespace.clone(),
                     history: config.history,
                     max_event_bytes: config.max_event_bytes,

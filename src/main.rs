@@ -82,12 +82,12 @@ async fn publish(
     data: Option<String>,
     idempotency_key: Option<String>,
 ) -> anyhow::Result<()> {
-    let url = config.redis_url().ok_or_else(|| {
-        anyhow!("publish needs --redis-url (or REDIS_URL); without Redis, POST to /api/events")
-    })?;
+    if config.redis_url().is_none() {
+        bail!("publish needs --redis-url (or REDIS_URL); without Redis, POST to /api/events");
+    }
     let data: Box<RawValue> = serde_json::from_str(data.as_deref().unwrap_or("null"))
         .context("DATA_JSON is not valid JSON")?;
-    let publisher = Publisher::redis(url, &config.namespace)?;
+    let publisher = Publisher::for_config(config)?;
     let publishing = async {
         match &idempotency_key {
             Some(key) => publisher.publish_once(event_type, &data, key).await,

@@ -44,11 +44,39 @@ pub const REPLICA_TTL: Duration = Duration::from_secs(10);
 /// A readiness canary older than this means the subscription is not delivering.
 pub const CANARY_STALE: Duration = Duration::from_secs(3);
 
+/// Where Redis is and how to log in: a parsed URL with the password applied. `Debug`
+/// shows no password (redis-rs redacts it).
+#[derive(Debug, Clone)]
+pub(crate) struct RedisTarget {
+    info: redis::ConnectionInfo,
+}
+
+impl RedisTarget {
+    /// `url` with `password`, when given, replacing any password in it. The error never
+    /// repeats the URL, which may hold a password.
+    pub fn new(url: &str, password: Option<&str>) -> Result<Self, Error> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
+            Error::Rejected(format!(
+                "invalid Redis URL ({}): expected redis://[user[:password]@]host:port[/db]",
+                e.detail().unwrap_or("it did not parse")
+            ))
+        })?;
+        let info = match password {
+            Some(password) => {
+                let settings = info.redis_settings().clone().set_password(password);
+                info.set_redis_settings(settings)
+            }
+            None => info,
+        };
+        Ok(Self { info })
+    }
+}
+
 /// Connection settings of a Redis broker.
 #[derive(Debug, Clone)]
 pub(crate) struct RedisSettings {
-    /// `redis://` or `rediss://` URL.
-    pub url: String,
+    /// Where Redis is and how to log in.
+    pub target: RedisTarget,
     /// Key namespace.
     pub namespace: String,
     /// Events kept in the stream (approximately: Redis trims whole nodes).
@@ -117,9 +145,9 @@ impl RedisBroker {
         delivery: Arc<Delivery>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| Error::Rejected(format!("invalid Redis URL: {e}")))?;
-        let mut config = deadpool_redis::Config::from_url(settings.url.clone());
+        let client = redis::Client::open(settings.target.info.clone())
+            .map_err(|e| Error::Rejected(format!("invalid Redis settings: {e}")))?;
+        let mut config = deadpool_redis::Config::from_connection_info(settings.target.info.clone());
         let mut pool_config = deadpool_redis::PoolConfig::new(16);
         pool_config.timeouts = deadpool_redis::Timeouts {
             wait: Some(POOL_TIMEOUT),

@@ -1506,3 +1506,149 @@ async fn resuming_clients_that_do_not_read_neither_pin_memory_nor_starve_publish
     );
     drop(sockets);
 }
+
+// ---------------------------------------------------------------------------------------
+// 13. Redis ACL users and passwords kept out of URLs
+// ---------------------------------------------------------------------------------------
+
+/// The commands the README grants a gateway user, besides those the function runs.
+const GATEWAY_COMMANDS: &str = "+fcall +fcall_ro +function|load +xrange +xrevrange \
+     +xinfo|stream +exists +subscribe +ping +unwatch";
+/// The commands the function library runs, which Redis checks against its caller.
+const FUNCTION_COMMANDS: &str = "+xadd +hget +hset +hdel +hexists +hlen +hincrby +hgetall \
+     +zadd +zrem +zrange +zrangebyscore +zcard +time +publish";
+
+async fn acl_setuser(conn: &mut MultiplexedConnection, rules: &[String]) {
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER");
+    for rule in rules {
+        cmd.arg(rule);
+    }
+    let _: () = cmd
+        .query_async(conn)
+        .await
+        .unwrap_or_else(|e| panic!("ACL SETUSER {rules:?}: {e}"));
+}
+
+/// `ACL SETUSER` rules: a user with `password`, limited to namespace `ns`'s keys, the
+/// channels matching `channels`, and `commands`.
+fn acl_user(
+    user: &str,
+    password: &str,
+    ns: &str,
+    channels: &str,
+    commands: &[&str],
+) -> Vec<String> {
+    let mut rules: Vec<String> = vec![
+        user.to_owned(),
+        "on".to_owned(),
+        format!(">{password}"),
+        "resetkeys".to_owned(),
+        format!("~{{{ns}}}:*"),
+        "resetchannels".to_owned(),
+        format!("&{{{ns}}}:{channels}"),
+        "-@all".to_owned(),
+    ];
+    rules.extend(
+        commands
+            .iter()
+            .flat_map(|c| c.split_whitespace())
+            .map(str::to_owned),
+    );
+    rules
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_privilege_acl_users_run_the_fabric_and_no_password_reaches_a_log() {
+    let redis = RedisProc::start();
+    // Turning the default user off would break anyone else on a shared Redis.
+    if tools::require(redis.killable()).is_none() {
+        return;
+    }
+    let ns = unique_namespace("acl");
+    let mut admin = redis_conn(redis.url()).await;
+    let all = ["admin", "on", ">admin-pw", "~*", "&*", "+@all"].map(str::to_owned);
+    acl_setuser(&mut admin, &all).await;
+    let gateway = acl_user(
+        "gateway",
+        "gw-secret-pw",
+        &ns,
+        "*",
+        &[GATEWAY_COMMANDS, FUNCTION_COMMANDS],
+    );
+    acl_setuser(&mut admin, &gateway).await;
+    let producer = acl_user(
+        "producer",
+        "prod-secret-pw",
+        &ns,
+        "events",
+        &["+fcall", FUNCTION_COMMANDS],
+    );
+    acl_setuser(&mut admin, &producer).await;
+    acl_setuser(&mut admin, &["default".to_owned(), "off".to_owned()]).await;
+    let port = redis.port();
+    let gateway_url = format!("redis://gateway@127.0.0.1:{port}/");
+
+    // One replica with the password in the environment, one with it in a file.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let password_file = dir.path().join("redis-password");
+    std::fs::write(&password_file, "gw-secret-pw\n").expect("write password file");
+    let gws = [
+        replica(&gateway_url, &ns, "acl-1")
+            .env("REDIS_PASSWORD", "gw-secret-pw")
+            .spawn(),
+        replica(&gateway_url, &ns, "acl-2")
+            .opt("--redis-password-file", password_file.display())
+            .spawn(),
+    ];
+    for gw in &gws {
+        gw.api().wait_ready(T).await;
+    }
+    let mut clients = [client(&gws[0].api()).await, client(&gws[1].api()).await];
+    wait_cluster_clients(&gws[0].api(), 2, T).await;
+
+    // The producer user publishes through the function and on the channel...
+    let mut producer = redis_conn(&format!(
+        "redis://producer:prod-secret-pw@127.0.0.1:{port}/"
+    ))
+    .await;
+    let id = fcall(&mut producer, &ns, "job_updated", &json!({"seq": 1})).await;
+    publish_plain(&mut producer, &ns, "cache_updated", &json!({"seq": 2}), 2).await;
+    let posted = gws[1].api().publish_seq("job_updated", 3).await;
+    for (r, c) in clients.iter_mut().enumerate() {
+        let got = c.collect(3, T).await;
+        assert_eq!(seqs(&got), vec![1, 2, 3], "replica {r}: {}", c.summary());
+        assert_eq!(
+            (got[0].id.as_str(), got[2].id.as_str()),
+            (id.as_str(), posted.as_str())
+        );
+    }
+    // ...and nothing outside its namespace, and no administration.
+    let other: redis::RedisResult<()> = redis::cmd("SET")
+        .arg("{other}:key")
+        .arg(1)
+        .query_async(&mut producer)
+        .await;
+    assert!(other.is_err(), "the producer wrote outside its namespace");
+    let flush: redis::RedisResult<()> = redis::cmd("FLUSHALL").query_async(&mut producer).await;
+    assert!(flush.is_err(), "the producer could FLUSHALL");
+
+    let stats = gws[0].api().stats().await;
+    assert!(
+        stats.get("degraded").is_none(),
+        "stats need a permission the README omits: {stats}"
+    );
+    for gw in &gws {
+        let log = gw.log();
+        assert!(
+            !log.contains("gw-secret-pw"),
+            "a password reached the log:\n{log}"
+        );
+        assert!(
+            !log.contains("NOPERM") && !log.contains("can't run"),
+            "{log}"
+        );
+    }
+    let (_, help, _) = run_cli(&["--help"], T);
+    assert!(help.contains("--redis-password-file"), "{help}");
+}
