@@ -245,6 +245,30 @@ pub struct Config {
     )]
     pub redis_password_file: Option<PathBuf>,
 
+    /// PEM file of the CA that signed Redis's certificate, trusted instead of the system's
+    /// roots (needs a rediss:// URL).
+    #[arg(long, env = "EVENTFABRIC_REDIS_CA_FILE", global = true)]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for Redis servers that require mutual TLS (with
+    /// --redis-client-key).
+    #[arg(
+        long,
+        env = "EVENTFABRIC_REDIS_CLIENT_CERT",
+        global = true,
+        requires = "redis_client_key"
+    )]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// PEM private key of --redis-client-cert.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_REDIS_CLIENT_KEY",
+        global = true,
+        requires = "redis_client_cert"
+    )]
+    pub redis_client_key: Option<PathBuf>,
+
     /// Prefix of every Redis key and channel; replicas sharing it form one cluster.
     #[arg(long, env = "EVENTFABRIC_NAMESPACE", default_value = "eventfabric", global = true,
           value_parser = parse_namespace)]

@@ -80,16 +80,7 @@ impl Gateway {
             config.fanout_threads(),
             Arc::clone(&metrics),
         );
-        let target = match config.redis_url() {
-            None => None,
-            Some(url) => {
-                let password = config
-                    .redis_password()
-                    .map_err(|why| StartError::Broker(BrokerError::Rejected(why)))?;
-                let password = password.as_ref().map(config::Secret::expose);
-                Some(RedisTarget::new(url, password).map_err(StartError::Broker)?)
-            }
-        };
+        let target = RedisTarget::from_config(&config).map_err(StartError::Broker)?;
         let broker = match target {
             None => Broker::memory(
                 config.history,

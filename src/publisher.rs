@@ -7,8 +7,8 @@ use serde_json::value::RawValue;
 
 use std::sync::Arc;
 
-use crate::broker::{self, Broker, RedisSettings, RedisTarget};
-use crate::config::{Config, DEFAULT_HISTORY, DEFAULT_MAX_EVENT_BYTES, Secret};
+use crate::broker::{self, Broker, RedisSettings, RedisTarget, TlsFiles};
+use crate::config::{Config, DEFAULT_HISTORY, DEFAULT_MAX_EVENT_BYTES};
 use crate::event::{self, EventId, InvalidEventData, InvalidEventType};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -120,18 +120,18 @@ impl Publisher {
     /// A publisher for another process: writes to the namespace's stream in Redis, from
     /// where every replica delivers the event. No connection is made until first use.
     pub fn redis(url: &str, namespace: &str) -> Result<Self, PublishError> {
-        Self::on_redis(RedisTarget::new(url, None)?, namespace)
+        Self::on_redis(
+            RedisTarget::new(url, None, &TlsFiles::default())?,
+            namespace,
+        )
     }
 
     /// A publisher on the Redis and namespace that a gateway with `config` uses, password
-    /// (`--redis-password-file`, `REDIS_PASSWORD`) included. Fails when `config` names no
-    /// Redis.
+    /// and TLS files included. Fails when `config` names no Redis.
     pub fn for_config(config: &Config) -> Result<Self, PublishError> {
-        let url = config.redis_url().ok_or_else(|| {
+        let target = RedisTarget::from_config(config)?.ok_or_else(|| {
             broker::Error::Rejected("no Redis configured (--redis-url or REDIS_URL)".to_owned())
         })?;
-        let password = config.redis_password().map_err(broker::Error::Rejected)?;
-        let target = RedisTarget::new(url, password.as_ref().map(Secret::expose))?;
         Self::on_redis(target, &config.namespace)
     }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use delivery::Delivery;
-pub(crate) use redis::{RedisSettings, RedisTarget};
+pub(crate) use redis::{RedisSettings, RedisTarget, TlsFiles};
 
 use crate::event::EventId;
 use crate::hub::Hub;

@@ -44,20 +44,54 @@ pub const REPLICA_TTL: Duration = Duration::from_secs(10);
 /// A readiness canary older than this means the subscription is not delivering.
 pub const CANARY_STALE: Duration = Duration::from_secs(3);
 
-/// Where Redis is and how to log in: a parsed URL with the password applied. `Debug`
-/// shows no password (redis-rs redacts it).
+/// Where Redis is and how to log in: a parsed URL with the password applied and, for
+/// `rediss://`, the TLS settings. `Debug` shows no password (redis-rs redacts it).
 #[derive(Debug, Clone)]
 pub(crate) struct RedisTarget {
     info: redis::ConnectionInfo,
 }
 
+/// PEM files for TLS: a private CA to trust instead of the system's roots, and a client
+/// certificate with its key for mutual TLS.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TlsFiles {
+    /// `--redis-ca-file`.
+    pub ca: Option<std::path::PathBuf>,
+    /// `--redis-client-cert`.
+    pub client_cert: Option<std::path::PathBuf>,
+    /// `--redis-client-key`.
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
+}
+
 impl RedisTarget {
-    /// `url` with `password`, when given, replacing any password in it. The error never
-    /// repeats the URL, which may hold a password.
-    pub fn new(url: &str, password: Option<&str>) -> Result<Self, Error> {
+    /// The Redis that `config` names, with its password and TLS files; `None` without a
+    /// Redis URL.
+    pub fn from_config(config: &crate::config::Config) -> Result<Option<Self>, Error> {
+        let Some(url) = config.redis_url() else {
+            return Ok(None);
+        };
+        let password = config.redis_password().map_err(Error::Rejected)?;
+        let tls = TlsFiles {
+            ca: config.redis_ca_file.clone(),
+            client_cert: config.redis_client_cert.clone(),
+            client_key: config.redis_client_key.clone(),
+        };
+        Self::new(url, password.as_ref().map(|p| p.expose()), &tls).map(Some)
+    }
+
+    /// `url` with `password`, when given, replacing any password in it, and `tls` for a
+    /// `rediss://` URL. The errors never repeat the URL, which may hold a password, nor a
+    /// key file's content.
+    pub fn new(url: &str, password: Option<&str>, tls: &TlsFiles) -> Result<Self, Error> {
         let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
             Error::Rejected(format!(
-                "invalid Redis URL ({}): expected redis://[user[:password]@]host:port[/db]",
+                "invalid Redis URL ({}): expected redis[s]://[user[:password]@]host:port[/db]",
                 e.detail().unwrap_or("it did not parse")
             ))
         })?;
@@ -68,7 +102,45 @@ impl RedisTarget {
             }
             None => info,
         };
-        Ok(Self { info })
+        if !tls.any() {
+            return Ok(Self { info });
+        }
+        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            return Err(Error::Rejected(
+                "--redis-ca-file, --redis-client-cert and --redis-client-key need a rediss:// URL"
+                    .to_owned(),
+            ));
+        }
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| Error::Rejected(format!("cannot read {what} {}: {e}", path.display())))
+        };
+        let client_tls = match (&tls.client_cert, &tls.client_key) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert, "--redis-client-cert")?,
+                client_key: read(key, "--redis-client-key")?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Rejected(
+                    "--redis-client-cert and --redis-client-key go together".to_owned(),
+                ));
+            }
+        };
+        let root_cert = tls
+            .ca
+            .as_deref()
+            .map(|ca| read(ca, "--redis-ca-file"))
+            .transpose()?;
+        let certificates = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        let client = redis::Client::build_with_tls(info, certificates)
+            .map_err(|e| Error::Rejected(format!("unusable TLS files: {e}")))?;
+        Ok(Self {
+            info: client.get_connection_info().clone(),
+        })
     }
 }
 
@@ -147,16 +219,17 @@ impl RedisBroker {
     ) -> Result<Self, Error> {
         let client = redis::Client::open(settings.target.info.clone())
             .map_err(|e| Error::Rejected(format!("invalid Redis settings: {e}")))?;
-        let mut config = deadpool_redis::Config::from_connection_info(settings.target.info.clone());
-        let mut pool_config = deadpool_redis::PoolConfig::new(16);
-        pool_config.timeouts = deadpool_redis::Timeouts {
-            wait: Some(POOL_TIMEOUT),
-            create: Some(POOL_TIMEOUT),
-            recycle: Some(POOL_TIMEOUT),
-        };
-        config.pool = Some(pool_config);
-        let pool = config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        // Built from the connection info itself: deadpool's own config would drop the TLS
+        // settings (a private CA, a client certificate).
+        let manager = deadpool_redis::Manager::new(settings.target.info.clone())
+            .map_err(|e| Error::Rejected(format!("invalid Redis settings: {e}")))?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(16)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
             .map_err(|e| Error::Rejected(format!("cannot create the Redis pool: {e}")))?;
         Ok(Self {
             client,

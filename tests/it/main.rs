@@ -14,4 +14,5 @@ mod hostile;
 mod limits;
 mod proxy;
 mod single_replica;
+mod tls;
 mod whatwg;

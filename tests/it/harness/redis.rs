@@ -82,6 +82,25 @@ impl RedisProc {
         }
     }
 
+    /// Starts an own `redis-server` (ignores `REDIS_URL`) with `extra` arguments, e.g. a TLS
+    /// port next to the plain one the harness pings. Panics if it cannot be started.
+    pub fn start_with(extra: &[String]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("eventfabric-redis-")
+            .tempdir()
+            .expect("create temp dir for redis");
+        let port = free_port();
+        let child = spawn_redis_with(port, dir.path(), extra)
+            .unwrap_or_else(|e| panic!("could not start redis-server {extra:?}: {e}"));
+        RedisProc {
+            url: format!("redis://127.0.0.1:{port}/"),
+            port,
+            child: Some(child),
+            dir: Some(dir),
+            external: false,
+        }
+    }
+
     /// `redis://127.0.0.1:PORT/` (or the value of `REDIS_URL`).
     pub fn url(&self) -> &str {
         &self.url
@@ -156,6 +175,10 @@ impl Drop for RedisProc {
 }
 
 fn spawn_redis(port: u16, dir: &std::path::Path) -> Result<Child, String> {
+    spawn_redis_with(port, dir, &[])
+}
+
+fn spawn_redis_with(port: u16, dir: &std::path::Path, extra: &[String]) -> Result<Child, String> {
     let mut child = Command::new("redis-server")
         .arg("--port")
         .arg(port.to_string())
@@ -167,6 +190,7 @@ fn spawn_redis(port: u16, dir: &std::path::Path) -> Result<Child, String> {
         .arg("no")
         .arg("--dir")
         .arg(dir)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -132,3 +132,20 @@ fn runs(cmd: &mut Command) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// `openssl`, which makes the certificates of the TLS tests.
+pub fn openssl() -> Result<PathBuf, String> {
+    let found = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if found {
+        Ok(PathBuf::from("openssl"))
+    } else {
+        Err(
+            "openssl not found: the TLS tests make their certificates with it \
+             (apt-get install openssl, or .ci/install-test-deps)"
+                .to_owned(),
+        )
+    }
+}
