@@ -224,8 +224,9 @@ pub struct Config {
     #[arg(long, env = "EVENTFABRIC_REPLICA_ID", global = true)]
     pub replica_id: Option<String>,
 
-    /// Redis URL (`redis://[user[:pass]@]host:port[/db]`). Unset: a single replica with an
-    /// in-process broker. Set: one replica of a cluster sharing this Redis. Give an ACL
+    /// Redis URL (`redis://[user[:pass]@]host:port[/db]`, `rediss://` for TLS, or
+    /// `redis+sentinel://host:port[,host:port...]/master-name`). Unset: a single replica with
+    /// an in-process broker. Set: one replica of a cluster sharing this Redis. Give an ACL
     /// user's password with --redis-password-file or REDIS_PASSWORD rather than in the URL.
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<RedisUrl>,

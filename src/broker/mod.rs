@@ -19,6 +19,7 @@ mod memory;
 pub(crate) mod redis;
 mod reporter;
 mod subscriber;
+mod target;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use delivery::Delivery;
-pub(crate) use redis::{RedisSettings, RedisTarget, TlsFiles};
+pub(crate) use redis::RedisSettings;
+pub(crate) use target::{RedisTarget, TlsFiles};
 
 use crate::event::EventId;
 use crate::hub::Hub;

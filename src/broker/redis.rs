@@ -1,5 +1,6 @@
 //! Redis broker: the shared, capped event stream and counters of a namespace, reached
-//! through a `deadpool-redis` pool and the `eventfabric` Function library.
+//! through a pool of connections (see `target.rs` for where they go) and the `eventfabric`
+//! Function library.
 //!
 //! Failure assumptions: Redis may vanish or restart empty at any time. Commands then fail
 //! fast with [`Error::Unavailable`] (never a success for an event that was not stored);
@@ -14,6 +15,7 @@ use serde_json::value::RawValue;
 
 use super::delivery::Delivery;
 use super::keys::Keys;
+use super::target::{Manager, Pool, Pooled, RedisTarget};
 use super::{ClusterStats, Error, Page, Replay, ReplicaStats};
 use crate::event::{self, EventId, unix_ms};
 use crate::metrics::Metrics;
@@ -43,106 +45,6 @@ pub const REPLICA_TTL: Duration = Duration::from_secs(10);
 
 /// A readiness canary older than this means the subscription is not delivering.
 pub const CANARY_STALE: Duration = Duration::from_secs(3);
-
-/// Where Redis is and how to log in: a parsed URL with the password applied and, for
-/// `rediss://`, the TLS settings. `Debug` shows no password (redis-rs redacts it).
-#[derive(Debug, Clone)]
-pub(crate) struct RedisTarget {
-    info: redis::ConnectionInfo,
-}
-
-/// PEM files for TLS: a private CA to trust instead of the system's roots, and a client
-/// certificate with its key for mutual TLS.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct TlsFiles {
-    /// `--redis-ca-file`.
-    pub ca: Option<std::path::PathBuf>,
-    /// `--redis-client-cert`.
-    pub client_cert: Option<std::path::PathBuf>,
-    /// `--redis-client-key`.
-    pub client_key: Option<std::path::PathBuf>,
-}
-
-impl TlsFiles {
-    fn any(&self) -> bool {
-        self.ca.is_some() || self.client_cert.is_some() || self.client_key.is_some()
-    }
-}
-
-impl RedisTarget {
-    /// The Redis that `config` names, with its password and TLS files; `None` without a
-    /// Redis URL.
-    pub fn from_config(config: &crate::config::Config) -> Result<Option<Self>, Error> {
-        let Some(url) = config.redis_url() else {
-            return Ok(None);
-        };
-        let password = config.redis_password().map_err(Error::Rejected)?;
-        let tls = TlsFiles {
-            ca: config.redis_ca_file.clone(),
-            client_cert: config.redis_client_cert.clone(),
-            client_key: config.redis_client_key.clone(),
-        };
-        Self::new(url, password.as_ref().map(|p| p.expose()), &tls).map(Some)
-    }
-
-    /// `url` with `password`, when given, replacing any password in it, and `tls` for a
-    /// `rediss://` URL. The errors never repeat the URL, which may hold a password, nor a
-    /// key file's content.
-    pub fn new(url: &str, password: Option<&str>, tls: &TlsFiles) -> Result<Self, Error> {
-        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| {
-            Error::Rejected(format!(
-                "invalid Redis URL ({}): expected redis[s]://[user[:password]@]host:port[/db]",
-                e.detail().unwrap_or("it did not parse")
-            ))
-        })?;
-        let info = match password {
-            Some(password) => {
-                let settings = info.redis_settings().clone().set_password(password);
-                info.set_redis_settings(settings)
-            }
-            None => info,
-        };
-        if !tls.any() {
-            return Ok(Self { info });
-        }
-        if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-            return Err(Error::Rejected(
-                "--redis-ca-file, --redis-client-cert and --redis-client-key need a rediss:// URL"
-                    .to_owned(),
-            ));
-        }
-        let read = |path: &std::path::Path, what: &str| {
-            std::fs::read(path)
-                .map_err(|e| Error::Rejected(format!("cannot read {what} {}: {e}", path.display())))
-        };
-        let client_tls = match (&tls.client_cert, &tls.client_key) {
-            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                client_cert: read(cert, "--redis-client-cert")?,
-                client_key: read(key, "--redis-client-key")?,
-            }),
-            (None, None) => None,
-            _ => {
-                return Err(Error::Rejected(
-                    "--redis-client-cert and --redis-client-key go together".to_owned(),
-                ));
-            }
-        };
-        let root_cert = tls
-            .ca
-            .as_deref()
-            .map(|ca| read(ca, "--redis-ca-file"))
-            .transpose()?;
-        let certificates = redis::TlsCertificates {
-            client_tls,
-            root_cert,
-        };
-        let client = redis::Client::build_with_tls(info, certificates)
-            .map_err(|e| Error::Rejected(format!("unusable TLS files: {e}")))?;
-        Ok(Self {
-            info: client.get_connection_info().clone(),
-        })
-    }
-}
 
 /// Connection settings of a Redis broker.
 #[derive(Debug, Clone)]
@@ -193,8 +95,8 @@ type StatsReply = (i64, Vec<(String, u64)>, Vec<(String, String)>);
 /// Handle to a namespace in Redis.
 #[derive(Debug)]
 pub(crate) struct RedisBroker {
-    client: redis::Client,
-    pool: deadpool_redis::Pool,
+    target: RedisTarget,
+    pool: Pool,
     keys: Keys,
     settings: RedisSettings,
     /// Health of this replica's subscription.
@@ -217,22 +119,16 @@ impl RedisBroker {
         delivery: Arc<Delivery>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
-        let client = redis::Client::open(settings.target.info.clone())
-            .map_err(|e| Error::Rejected(format!("invalid Redis settings: {e}")))?;
-        // Built from the connection info itself: deadpool's own config would drop the TLS
-        // settings (a private CA, a client certificate).
-        let manager = deadpool_redis::Manager::new(settings.target.info.clone())
-            .map_err(|e| Error::Rejected(format!("invalid Redis settings: {e}")))?;
-        let pool = deadpool_redis::Pool::builder(manager)
+        let pool = Pool::builder(Manager::new(settings.target.clone())?)
             .max_size(16)
             .wait_timeout(Some(POOL_TIMEOUT))
             .create_timeout(Some(POOL_TIMEOUT))
             .recycle_timeout(Some(POOL_TIMEOUT))
-            .runtime(deadpool_redis::Runtime::Tokio1)
+            .runtime(deadpool::Runtime::Tokio1)
             .build()
             .map_err(|e| Error::Rejected(format!("cannot create the Redis pool: {e}")))?;
         Ok(Self {
-            client,
+            target: settings.target.clone(),
             pool,
             keys: Keys::new(&settings.namespace),
             delivery,
@@ -252,11 +148,11 @@ impl RedisBroker {
     }
 
     /// The client used for the dedicated pub/sub connection.
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    pub async fn client(&self) -> Result<redis::Client, Error> {
+        self.target.client().await
     }
 
-    async fn connection(&self) -> Result<deadpool_redis::Connection, Error> {
+    async fn connection(&self) -> Result<Pooled, Error> {
         self.pool
             .get()
             .await
@@ -495,17 +391,28 @@ impl RedisBroker {
         call: &redis::Cmd,
     ) -> Result<T, Error> {
         let mut conn = self.connection().await?;
-        let conn = &mut conn;
-        match bounded(call.query_async(&mut **conn)).await {
+        let result = match bounded(call.query_async(&mut *conn)).await {
             Err(Error::Rejected(detail)) if detail.contains("Function not found") => {
                 tracing::info!("function library missing in Redis; loading it");
-                load_library(conn).await?;
-                bounded(call.query_async(&mut **conn)).await
+                load_library(&mut conn).await?;
+                bounded(call.query_async(&mut *conn)).await
             }
             other => other,
+        };
+        if let Err(Error::Unavailable(why)) = &result
+            && why.starts_with(DEMOTED)
+        {
+            // The node was the primary and is a replica now (a failover): none of the
+            // pooled connections is any use; new ones go where Sentinel says.
+            drop(Pooled::take(conn));
+            self.pool.retain(|_, _| false);
         }
+        result
     }
 }
+
+/// How the error of a write refused by a replica begins.
+const DEMOTED: &str = "the node is a replica now";
 
 /// Runs one Redis command with a deadline. A command that times out may still have run
 /// (the caller learns `Unavailable` and may retry, safely with an idempotency key).
@@ -520,7 +427,7 @@ async fn bounded<T>(
     }
 }
 
-async fn load_library(conn: &mut deadpool_redis::Connection) -> Result<(), Error> {
+async fn load_library(conn: &mut Pooled) -> Result<(), Error> {
     let _: String = bounded(
         redis::cmd("FUNCTION")
             .arg("LOAD")
@@ -602,6 +509,9 @@ pub(crate) fn classify(error: RedisError) -> Error {
                 Some(why) => Error::Invalid(why.to_owned()),
                 None => Error::Rejected(detail.to_owned()),
             }
+        }
+        ErrorKind::Server(ServerErrorKind::ReadOnly) => {
+            Error::Unavailable(format!("{DEMOTED} (READONLY): {error}"))
         }
         _ => Error::Unavailable(error.to_string()),
     }

@@ -169,6 +169,7 @@ impl Subscriber {
             let mut pubsub = self
                 .broker
                 .client()
+                .await?
                 .get_async_pubsub()
                 .await
                 .map_err(|e| Error::Unavailable(e.to_string()))?;

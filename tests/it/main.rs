@@ -13,6 +13,7 @@ mod harness;
 mod hostile;
 mod limits;
 mod proxy;
+mod sentinel;
 mod single_replica;
 mod tls;
 mod whatwg;

@@ -1,0 +1,416 @@
+//! Where Redis is: one server named by a `redis://` or `rediss://` URL, or the primary that
+//! a set of Sentinels names (`redis+sentinel://host1:26379,host2:26379/<master-name>`).
+//!
+//! Failure assumptions: with Sentinel, the primary moves. Every new connection asks the
+//! Sentinels again and then checks `ROLE` on the node it reached, so a demoted primary
+//! (which still answers reads, from a stream that no longer grows) is never used. Pooled
+//! connections are dropped when a write is refused as `READONLY`, and the subscription is
+//! rebuilt when the canary stops coming back, so both follow a failover within seconds.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, RedisError};
+
+use super::Error;
+
+/// How long asking one Sentinel, or checking a node's role, may take.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Where Redis is and how to log in: a parsed URL with the password applied and, for
+/// `rediss://`, the TLS settings. `Debug` shows no password (redis-rs redacts it).
+#[derive(Debug, Clone)]
+pub(crate) struct RedisTarget {
+    kind: Kind,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// One server.
+    Direct(ConnectionInfo),
+    /// The primary named `master` by any of `sentinels`; `redis` is how to log in to it.
+    Sentinel {
+        sentinels: Vec<ConnectionInfo>,
+        master: String,
+        redis: RedisConnectionInfo,
+    },
+}
+
+/// PEM files for TLS: a private CA to trust instead of the system's roots, and a client
+/// certificate with its key for mutual TLS.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TlsFiles {
+    /// `--redis-ca-file`.
+    pub ca: Option<PathBuf>,
+    /// `--redis-client-cert`.
+    pub client_cert: Option<PathBuf>,
+    /// `--redis-client-key`.
+    pub client_key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
+}
+
+impl RedisTarget {
+    /// The Redis that `config` names, with its password and TLS files; `None` without a
+    /// Redis URL.
+    pub fn from_config(config: &crate::config::Config) -> Result<Option<Self>, Error> {
+        let Some(url) = config.redis_url() else {
+            return Ok(None);
+        };
+        let password = config.redis_password().map_err(Error::Rejected)?;
+        let tls = TlsFiles {
+            ca: config.redis_ca_file.clone(),
+            client_cert: config.redis_client_cert.clone(),
+            client_key: config.redis_client_key.clone(),
+        };
+        Self::new(url, password.as_ref().map(|p| p.expose()), &tls).map(Some)
+    }
+
+    /// `url` with `password`, when given, replacing any password in it, and `tls` for a
+    /// `rediss://` URL. The errors never repeat the URL, which may hold a password, nor a
+    /// key file's content.
+    pub fn new(url: &str, password: Option<&str>, tls: &TlsFiles) -> Result<Self, Error> {
+        if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            if tls.any() {
+                return Err(Error::Rejected(
+                    "TLS files are not supported with redis+sentinel:// in this build".to_owned(),
+                ));
+            }
+            return parse_sentinel(rest, password);
+        }
+        let info = url.into_connection_info().map_err(|e| {
+            Error::Rejected(format!(
+                "invalid Redis URL ({}): expected redis[s]://[user[:password]@]host:port[/db] \
+                 or redis+sentinel://[user[:password]@]host:port[,host:port...]/master-name",
+                e.detail().unwrap_or("it did not parse")
+            ))
+        })?;
+        let info = with_password(info, password);
+        if !tls.any() {
+            return Ok(Self::direct(info));
+        }
+        if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+            return Err(Error::Rejected(
+                "--redis-ca-file, --redis-client-cert and --redis-client-key need a rediss:// URL"
+                    .to_owned(),
+            ));
+        }
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path)
+                .map_err(|e| Error::Rejected(format!("cannot read {what} {}: {e}", path.display())))
+        };
+        let client_tls = match (&tls.client_cert, &tls.client_key) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read(cert, "--redis-client-cert")?,
+                client_key: read(key, "--redis-client-key")?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Rejected(
+                    "--redis-client-cert and --redis-client-key go together".to_owned(),
+                ));
+            }
+        };
+        let root_cert = tls
+            .ca
+            .as_deref()
+            .map(|ca| read(ca, "--redis-ca-file"))
+            .transpose()?;
+        let certificates = redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        };
+        let client = redis::Client::build_with_tls(info, certificates)
+            .map_err(|e| Error::Rejected(format!("unusable TLS files: {e}")))?;
+        Ok(Self::direct(client.get_connection_info().clone()))
+    }
+
+    fn direct(info: ConnectionInfo) -> Self {
+        Self {
+            kind: Kind::Direct(info),
+        }
+    }
+
+    /// Whether the primary is found through Sentinel.
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self.kind, Kind::Sentinel { .. })
+    }
+
+    /// The server to connect to now: the one server, or the primary the first Sentinel
+    /// that answers names.
+    pub async fn resolve(&self) -> Result<ConnectionInfo, Error> {
+        let (sentinels, master, redis) = match &self.kind {
+            Kind::Direct(info) => return Ok(info.clone()),
+            Kind::Sentinel {
+                sentinels,
+                master,
+                redis,
+            } => (sentinels, master, redis),
+        };
+        let mut last_error = String::from("no Sentinel given");
+        for sentinel in sentinels {
+            match ask_sentinel(sentinel, master).await {
+                Ok((host, port)) => {
+                    let info = ConnectionAddr::Tcp(host, port)
+                        .into_connection_info()
+                        .map_err(|e| Error::Unavailable(e.to_string()))?
+                        .set_redis_settings(redis.clone());
+                    return Ok(info);
+                }
+                Err(error) => last_error = error,
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "no Sentinel named a primary for {master:?}: {last_error}"
+        )))
+    }
+
+    /// A client for the server to use now. With Sentinel, the node must say it is the
+    /// primary (`ROLE`); a demoted one is refused.
+    pub async fn client(&self) -> Result<redis::Client, Error> {
+        let info = self.resolve().await?;
+        let client = redis::Client::open(info).map_err(|e| Error::Unavailable(e.to_string()))?;
+        if self.is_sentinel() {
+            let mut conn =
+                tokio::time::timeout(SENTINEL_TIMEOUT, client.get_multiplexed_async_connection())
+                    .await
+                    .map_err(|_| {
+                        Error::Unavailable("the primary did not answer in time".to_owned())
+                    })?
+                    .map_err(|e| Error::Unavailable(e.to_string()))?;
+            check_primary(&mut conn).await?;
+        }
+        Ok(client)
+    }
+}
+
+/// `SENTINEL GET-MASTER-ADDR-BY-NAME master` on one Sentinel.
+async fn ask_sentinel(sentinel: &ConnectionInfo, master: &str) -> Result<(String, u16), String> {
+    let client = redis::Client::open(sentinel.clone()).map_err(|e| e.to_string())?;
+    let ask = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(master)
+            .query_async::<Option<(String, u16)>>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(SENTINEL_TIMEOUT, ask).await {
+        Ok(Ok(Some(addr))) => Ok(addr),
+        Ok(Ok(None)) => Err(format!("Sentinel knows no primary named {master:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the Sentinel did not answer in time".to_owned()),
+    }
+}
+
+/// Refuses a node whose `ROLE` is not `master`.
+async fn check_primary(conn: &mut MultiplexedConnection) -> Result<(), Error> {
+    let role: redis::Value =
+        tokio::time::timeout(SENTINEL_TIMEOUT, redis::cmd("ROLE").query_async(conn))
+            .await
+            .map_err(|_| Error::Unavailable("ROLE did not answer in time".to_owned()))?
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+    let first = match &role {
+        redis::Value::Array(items) => items.first(),
+        _ => None,
+    };
+    match first {
+        Some(redis::Value::BulkString(role)) if role.as_slice() == b"master" => Ok(()),
+        _ => Err(Error::Unavailable(
+            "the node Sentinel named is not the primary (any more)".to_owned(),
+        )),
+    }
+}
+
+fn with_password(info: ConnectionInfo, password: Option<&str>) -> ConnectionInfo {
+    match password {
+        Some(password) => {
+            let settings = info.redis_settings().clone().set_password(password);
+            info.set_redis_settings(settings)
+        }
+        None => info,
+    }
+}
+
+/// `[user[:password]@]host:port[,host:port...]/master-name[/db]` after the scheme.
+fn parse_sentinel(rest: &str, password: Option<&str>) -> Result<RedisTarget, Error> {
+    let bad = |why: &str| {
+        Error::Rejected(format!(
+            "invalid Sentinel URL ({why}): expected \
+             redis+sentinel://[user[:password]@]host:port[,host:port...]/master-name[/db]"
+        ))
+    };
+    let (credentials, rest) = match rest.rsplit_once('@') {
+        Some((credentials, rest)) => (Some(credentials), rest),
+        None => (None, rest),
+    };
+    let (hosts, path) = rest.split_once('/').ok_or_else(|| bad("no master name"))?;
+    let mut path = path.split('/');
+    let master = path
+        .next()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| bad("no master name"))?;
+    let db: i64 = match path.next().filter(|d| !d.is_empty()) {
+        Some(db) => db
+            .parse()
+            .map_err(|_| bad("the database is not a number"))?,
+        None => 0,
+    };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',').filter(|h| !h.is_empty()) {
+        let (name, port) = match host.rsplit_once(':') {
+            Some((name, port)) => (
+                name,
+                port.parse().map_err(|_| bad("a port is not a number"))?,
+            ),
+            None => (host, 26379),
+        };
+        let info = ConnectionAddr::Tcp(name.to_owned(), port)
+            .into_connection_info()
+            .map_err(|_| bad("a Sentinel address"))?;
+        sentinels.push(info);
+    }
+    if sentinels.is_empty() {
+        return Err(bad("no Sentinel address"));
+    }
+    let mut redis = RedisConnectionInfo::default().set_db(db);
+    if let Some(credentials) = credentials {
+        let (user, pass) = match credentials.split_once(':') {
+            Some((user, pass)) => (user, Some(pass)),
+            None => (credentials, None),
+        };
+        if !user.is_empty() {
+            redis = redis.set_username(user);
+        }
+        if let Some(pass) = pass.filter(|p| !p.is_empty()) {
+            redis = redis.set_password(pass);
+        }
+    }
+    if let Some(password) = password {
+        redis = redis.set_password(password);
+    }
+    Ok(RedisTarget {
+        kind: Kind::Sentinel {
+            sentinels,
+            master: master.to_owned(),
+            redis,
+        },
+    })
+}
+
+/// The pool's manager: every new connection goes to the server [`RedisTarget::client`]
+/// finds at that moment.
+#[derive(Debug)]
+pub(crate) struct Manager {
+    target: RedisTarget,
+    /// The client for a fixed server (no Sentinel), made once.
+    direct: Option<redis::Client>,
+}
+
+impl Manager {
+    pub fn new(target: RedisTarget) -> Result<Self, Error> {
+        let direct = match &target.kind {
+            Kind::Direct(info) => Some(
+                redis::Client::open(info.clone())
+                    .map_err(|e| Error::Rejected(format!("invalid Redis settings: {e}")))?,
+            ),
+            Kind::Sentinel { .. } => None,
+        };
+        Ok(Self { target, direct })
+    }
+}
+
+impl deadpool::managed::Manager for Manager {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        let client = match &self.direct {
+            Some(client) => client.clone(),
+            None => self.target.client().await.map_err(to_redis_error)?,
+        };
+        client.get_multiplexed_async_connection().await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut MultiplexedConnection,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<RedisError> {
+        let _: String = redis::cmd("PING").query_async(conn).await?;
+        Ok(())
+    }
+}
+
+fn to_redis_error(error: Error) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        error.to_string(),
+    ))
+}
+
+/// The command pool.
+pub(crate) type Pool = deadpool::managed::Pool<Manager>;
+
+/// A connection taken from the pool.
+pub(crate) type Pooled = deadpool::managed::Object<Manager>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_urls_name_every_sentinel_the_master_and_the_login() {
+        let target = RedisTarget::new(
+            "redis+sentinel://gw:pw@10.0.0.1:26379,10.0.0.2:26380,sentinel-3/mymaster/2",
+            None,
+            &TlsFiles::default(),
+        )
+        .unwrap();
+        let Kind::Sentinel {
+            sentinels,
+            master,
+            redis,
+        } = &target.kind
+        else {
+            panic!("not a Sentinel target");
+        };
+        let addrs: Vec<String> = sentinels.iter().map(|s| s.addr().to_string()).collect();
+        assert_eq!(
+            addrs,
+            ["10.0.0.1:26379", "10.0.0.2:26380", "sentinel-3:26379"]
+        );
+        assert_eq!(master, "mymaster");
+        assert_eq!(
+            (redis.db(), redis.username(), redis.password()),
+            (2, Some("gw"), Some("pw"))
+        );
+        assert!(!format!("{target:?}").contains("pw\""), "{target:?}");
+        let overridden = RedisTarget::new(
+            "redis+sentinel://h/m",
+            Some("from-file"),
+            &TlsFiles::default(),
+        )
+        .unwrap();
+        let Kind::Sentinel { redis, .. } = &overridden.kind else {
+            panic!()
+        };
+        assert_eq!(redis.password(), Some("from-file"));
+        for bad in [
+            "redis+sentinel://h1,h2",
+            "redis+sentinel://h1/",
+            "redis+sentinel:///m",
+            "redis+sentinel://h:x/m",
+        ] {
+            assert!(
+                RedisTarget::new(bad, None, &TlsFiles::default()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
