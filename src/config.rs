@@ -180,6 +180,22 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub history: u64,
 
+    /// Redis replicas that must confirm a publish (`WAIT`) before `POST` answers 202; if
+    /// fewer do within --publish-replica-timeout-ms, `POST` answers 503 and says the event
+    /// may still exist. 0: acknowledged means stored on the primary.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_PUBLISH_MIN_REPLICAS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub publish_min_replicas: u32,
+
+    /// How long a publish waits for --publish-min-replicas, in milliseconds.
+    #[arg(long, env = "EVENTFABRIC_PUBLISH_REPLICA_TIMEOUT_MS", default_value_t = 500, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=2_000))]
+    pub publish_replica_timeout_ms: u64,
+
     /// Largest accepted publish body, in bytes.
     #[arg(long, env = "EVENTFABRIC_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES, global = true,
           value_parser = clap::value_parser!(u64).range(64..=16_777_216))]

@@ -36,6 +36,9 @@ pub(crate) enum ApiError {
     /// The broker cannot take the request now.
     #[error("broker unavailable")]
     Unavailable(#[source] crate::broker::Error),
+    /// Stored, but not confirmed by enough replicas; the message says so and gives the id.
+    #[error("{0}")]
+    NotReplicated(String),
 }
 
 impl ApiError {
@@ -46,6 +49,7 @@ impl ApiError {
             Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::NotReplicated(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_replicated"),
         }
     }
 }
@@ -89,6 +93,9 @@ impl From<PublishError> for ApiError {
     fn from(error: PublishError) -> Self {
         match error {
             PublishError::Broker(broker::Error::Invalid(why)) => Self::BadRequest(why),
+            PublishError::Broker(cause @ broker::Error::NotReplicated { .. }) => {
+                Self::NotReplicated(cause.to_string())
+            }
             PublishError::Broker(cause) => Self::Unavailable(cause),
             PublishError::TooLarge { limit } => Self::TooLarge { limit },
             other => Self::BadRequest(other.to_string()),

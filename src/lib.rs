@@ -94,6 +94,10 @@ impl Gateway {
                     namespace: config.namespace.clone(),
                     history: config.history,
                     max_event_bytes: config.max_event_bytes,
+                    min_replicas: config.publish_min_replicas,
+                    replica_timeout: std::time::Duration::from_millis(
+                        config.publish_replica_timeout_ms,
+                    ),
                 },
                 hub.clone(),
                 Arc::clone(&metrics),

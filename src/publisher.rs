@@ -143,6 +143,8 @@ impl Publisher {
             namespace: namespace.to_owned(),
             history: DEFAULT_HISTORY,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            min_replicas: 0,
+            replica_timeout: std::time::Duration::ZERO,
         };
         // A publisher delivers to nobody in this process: a hub without fan-out threads.
         let metrics = Arc::new(Metrics::new());

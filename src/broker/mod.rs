@@ -94,6 +94,21 @@ pub enum Error {
     /// the producer's mistake, so retrying cannot help. The text says what is wrong.
     #[error("{0}")]
     Invalid(String),
+    /// The event was stored as `id`, but fewer replicas than required confirmed it in
+    /// time: it may survive a failover or not. A retry with the same idempotency key
+    /// returns `id` if it did.
+    #[error(
+        "stored as {id}, but only {confirmed} of {wanted} replicas confirmed it in time; \
+         it may still exist: retry with the same Idempotency-Key"
+    )]
+    NotReplicated {
+        /// The id the primary gave it.
+        id: EventId,
+        /// Replicas that confirmed.
+        confirmed: i64,
+        /// Replicas required (`--publish-min-replicas`).
+        wanted: u32,
+    },
 }
 
 /// One step of a history replay.

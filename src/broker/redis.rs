@@ -57,6 +57,10 @@ pub(crate) struct RedisSettings {
     pub history: u64,
     /// Largest accepted event.
     pub max_event_bytes: u64,
+    /// Replicas that must confirm a publish (`WAIT`) before it is acknowledged; 0: none.
+    pub min_replicas: u32,
+    /// How long a publish waits for them.
+    pub replica_timeout: Duration,
 }
 
 /// Shared state of the subscription, read by `/readyz`.
@@ -202,9 +206,39 @@ impl RedisBroker {
         call.arg(event_type)
             .arg(data.get())
             .arg(idempotency_key.unwrap_or(""));
-        let id: String = self.call_with_library(&call).await?;
-        id.parse()
-            .map_err(|_| Error::Rejected(format!("Redis returned an unexpected id {id:?}")))
+        let mut conn = self.connection().await?;
+        let stored = self.call_on::<String>(&mut conn, &call).await;
+        let id: EventId = match stored {
+            Ok(id) => id
+                .parse()
+                .map_err(|_| Error::Rejected(format!("Redis returned an unexpected id {id:?}")))?,
+            Err(error) => {
+                self.forget_if_demoted(&error, conn);
+                return Err(error);
+            }
+        };
+        let wanted = self.settings.min_replicas;
+        if wanted == 0 {
+            return Ok(id);
+        }
+        // WAIT covers every write made on this connection so far, the event among them.
+        let timeout_ms = self.settings.replica_timeout.as_millis() as u64;
+        let confirmed: i64 = bounded(
+            redis::cmd("WAIT")
+                .arg(wanted)
+                .arg(timeout_ms)
+                .query_async(&mut *conn),
+        )
+        .await
+        .unwrap_or(0);
+        if confirmed < i64::from(wanted) {
+            return Err(Error::NotReplicated {
+                id,
+                confirmed,
+                wanted,
+            });
+        }
+        Ok(id)
     }
 
     /// Largest event this replica accepts.
@@ -391,23 +425,39 @@ impl RedisBroker {
         call: &redis::Cmd,
     ) -> Result<T, Error> {
         let mut conn = self.connection().await?;
-        let result = match bounded(call.query_async(&mut *conn)).await {
+        let result = self.call_on(&mut conn, call).await;
+        if let Err(error) = &result {
+            self.forget_if_demoted(error, conn);
+        }
+        result
+    }
+
+    /// Runs a library call on `conn`, loading the library first if Redis lost it.
+    async fn call_on<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Pooled,
+        call: &redis::Cmd,
+    ) -> Result<T, Error> {
+        match bounded(call.query_async(&mut **conn)).await {
             Err(Error::Rejected(detail)) if detail.contains("Function not found") => {
                 tracing::info!("function library missing in Redis; loading it");
-                load_library(&mut conn).await?;
-                bounded(call.query_async(&mut *conn)).await
+                load_library(conn).await?;
+                bounded(call.query_async(&mut **conn)).await
             }
             other => other,
-        };
-        if let Err(Error::Unavailable(why)) = &result
+        }
+    }
+
+    /// After `error` on `conn`: if the node was the primary and is a replica now (a
+    /// failover), none of the pooled connections is any use; new ones go where Sentinel
+    /// says.
+    fn forget_if_demoted(&self, error: &Error, conn: Pooled) {
+        if let Error::Unavailable(why) = error
             && why.starts_with(DEMOTED)
         {
-            // The node was the primary and is a replica now (a failover): none of the
-            // pooled connections is any use; new ones go where Sentinel says.
             drop(Pooled::take(conn));
             self.pool.retain(|_, _| false);
         }
-        result
     }
 }
 

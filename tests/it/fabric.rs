@@ -1513,7 +1513,7 @@ async fn resuming_clients_that_do_not_read_neither_pin_memory_nor_starve_publish
 
 /// The commands the README grants a gateway user, besides those the function runs.
 const GATEWAY_COMMANDS: &str = "+fcall +fcall_ro +function|load +xrange +xrevrange \
-     +xinfo|stream +exists +subscribe +ping +unwatch";
+     +xinfo|stream +exists +subscribe +ping +unwatch +wait +role";
 /// The commands the function library runs, which Redis checks against its caller.
 const FUNCTION_COMMANDS: &str = "+xadd +hget +hset +hdel +hexists +hlen +hincrby +hgetall \
      +zadd +zrem +zrange +zrangebyscore +zcard +time +publish";

@@ -128,11 +128,20 @@ async fn a_gateway_follows_a_sentinel_failover_after_the_primary_is_killed() {
     api.wait_readyz(StatusCode::OK, Duration::from_secs(45))
         .await;
     let failover = killed.elapsed();
-    let state = master_state(&sentinels[1]).await.expect("Sentinel state");
-    assert_eq!(
-        state.get("port").map(String::as_str),
-        Some(replica.port().to_string().as_str()),
-        "Sentinel did not promote the replica: {state:?}"
+    // Sentinels learn of the failover one by one; the replica itself knows at once.
+    let client = redis::Client::open(replica.url()).expect("replica URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the replica");
+    let role: redis::Value = redis::cmd("ROLE")
+        .query_async(&mut conn)
+        .await
+        .expect("ROLE");
+    assert!(
+        matches!(&role, redis::Value::Array(items)
+            if matches!(items.first(), Some(redis::Value::BulkString(r)) if r.as_slice() == b"master")),
+        "ready again, but the replica is not the primary: {role:?}"
     );
     eprintln!("sentinel failover: ready again {failover:?} after SIGKILL of the primary");
 
@@ -148,4 +157,67 @@ async fn a_gateway_follows_a_sentinel_failover_after_the_primary_is_killed() {
     let mut resumed = SseClient::connect(api.base(), ConnectOpts::header(&before)).await;
     let got = resumed.expect_event(T).await;
     assert_eq!(got.seq(), Some(2), "{}", resumed.summary());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_min_replicas_acknowledges_only_what_replicas_confirmed() {
+    let primary = RedisProc::start();
+    if tools::require(primary.killable()).is_none() {
+        return;
+    }
+    let _replica = RedisProc::start_with(&[
+        "--replicaof".to_owned(),
+        "127.0.0.1".to_owned(),
+        primary.port().to_string(),
+    ]);
+    let ns = unique_namespace("wait");
+    let gateway = |min: u32| {
+        GatewayBuilder::new()
+            .redis_url(primary.url())
+            .namespace(&ns)
+            .opt("--publish-min-replicas", min)
+            .opt("--publish-replica-timeout-ms", 300)
+            .spawn()
+    };
+    let one = gateway(1);
+    let api = one.api();
+    api.wait_ready(T).await;
+    // The replica may still be syncing: one confirmation arrives once it is.
+    eventually("a publish confirmed by the replica", T, || async {
+        let (status, _) = api
+            .post_raw(
+                json!({"type": "t", "data": 1}).to_string(),
+                "application/json",
+            )
+            .await;
+        (status == StatusCode::ACCEPTED).then_some(())
+    })
+    .await;
+
+    // Two replicas wanted, one there: 503 that says the event may exist, with its id.
+    let two = gateway(2);
+    let api = two.api();
+    api.wait_ready(T).await;
+    let mut c = SseClient::connect(api.base(), ConnectOpts::default()).await;
+    let (status, body) = api
+        .post_raw(
+            json!({"type": "t", "data": {"seq": 7}}).to_string(),
+            "application/json",
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON error body");
+    assert_eq!(body["error"], "not_replicated", "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("1 of 2") && message.contains("may still exist"),
+        "{message}"
+    );
+    // It was stored on the primary, so it is delivered all the same.
+    let got = c.expect_event(T).await;
+    assert_eq!(got.seq(), Some(7), "{}", c.summary());
+    assert!(
+        message.contains(&got.id),
+        "the message does not give the id: {message}"
+    );
 }
