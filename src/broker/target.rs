@@ -330,11 +330,17 @@ impl deadpool::managed::Manager for Manager {
     type Error = RedisError;
 
     async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
-        let client = match &self.direct {
-            Some(client) => client.clone(),
-            None => self.target.client().await.map_err(to_redis_error)?,
-        };
-        client.get_multiplexed_async_connection().await
+        // Boxed: the Sentinel lookup nests several futures, and without the box every
+        // future that takes a pooled connection carries their whole type (deep enough
+        // to overflow rustc's query depth in a crate that awaits a publish).
+        Box::pin(async {
+            let client = match &self.direct {
+                Some(client) => client.clone(),
+                None => self.target.client().await.map_err(to_redis_error)?,
+            };
+            client.get_multiplexed_async_connection().await
+        })
+        .await
     }
 
     async fn recycle(
