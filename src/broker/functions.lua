@@ -169,6 +169,13 @@ local function position(keys, args)
     return 2
   end
   local first = fields['first-entry']
+  -- Within what the stream holds but not in it: an id from a primary that died before
+  -- its replica had it. Events after it may be missing too, so it is not a place to
+  -- resume from.
+  if not from_start and first and first ~= false and not id_less(after, first[1])
+     and #redis.call('XRANGE', stream, after, after) == 0 then
+    return 2
+  end
   if first and first ~= false and id_less(after, first[1])
      and tonumber(fields['entries-added']) > tonumber(fields['length']) then
     return 1

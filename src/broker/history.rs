@@ -96,6 +96,15 @@ impl HistoryRing {
         let first = self.frames.front().and_then(|f| f.id);
         first.is_some_and(|first| first <= after)
             && self.newest().is_some_and(|newest| after <= newest)
+            && self.holds(after)
+    }
+
+    /// Whether the ring holds the event with id `id`. Ids inside the ring's range that it
+    /// does not hold were never delivered here (a forged id, or one the primary lost).
+    pub fn holds(&self, id: EventId) -> bool {
+        self.frames
+            .binary_search_by(|f| f.id.unwrap_or_default().cmp(&id))
+            .is_ok()
     }
 
     /// Held events after `after`, as many as fit in `page`.

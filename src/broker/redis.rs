@@ -340,11 +340,17 @@ impl RedisBroker {
 
     /// The id of the newest stored event, if any.
     pub async fn newest_id(&self) -> Result<Option<EventId>, Error> {
+        self.newest_id_up_to(None).await
+    }
+
+    /// The id of the newest stored event at or before `bound` (any, without one).
+    pub async fn newest_id_up_to(&self, bound: Option<EventId>) -> Result<Option<EventId>, Error> {
         let mut conn = self.connection().await?;
-        let newest: Vec<(String, Vec<String>)> = bounded(
+        // Fields as bytes: an entry that is not UTF-8 must not fail this.
+        let newest: Vec<(String, Vec<Vec<u8>>)> = bounded(
             redis::cmd("XREVRANGE")
                 .arg(&self.keys.stream)
-                .arg("+")
+                .arg(bound.map_or_else(|| "+".to_owned(), |id| id.to_string()))
                 .arg("-")
                 .arg("COUNT")
                 .arg(1)

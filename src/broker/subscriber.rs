@@ -240,18 +240,22 @@ impl Subscriber {
                 .read_stream(after, until, REPLAY_PAGE, check)
                 .await?;
             if first_page && page.unknown_id {
-                // Redis no longer knows our newest id: it lost its data (a restart without
+                // Redis does not know our newest id: it lost data (a restart without
                 // persistence, an older snapshot, a failover to a replica that lagged).
-                // Clients here already have what they were sent; start again from the
-                // stream's newest id so that newer events are not refused as old.
-                let newest = self.broker.newest_id().await?;
+                // Clients here already have what they were sent. Go on from the newest
+                // event Redis still has at or before ours, so that what the new primary
+                // stored since is delivered and nothing newer is refused as old (clients
+                // skip what they already have by id).
+                let anchor = self.broker.newest_id_up_to(Some(after)).await?;
                 tracing::warn!(
                     last_delivered = %after,
-                    newest_in_redis = ?newest.map(|id| id.to_string()),
-                    "Redis no longer has the newest event delivered here; following its stream from now on"
+                    going_on_after = ?anchor.map(|id| id.to_string()),
+                    "Redis no longer has the newest event delivered here; following its stream"
                 );
-                delivery.restart_after(newest.unwrap_or(EventId::new(0, 0)));
-                return Ok(());
+                after = anchor.unwrap_or(EventId::new(0, 0));
+                delivery.restart_after(after);
+                first_page = false;
+                continue;
             }
             if first_page && page.truncated {
                 delivery.forget_recent();

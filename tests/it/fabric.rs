@@ -1652,3 +1652,39 @@ async fn least_privilege_acl_users_run_the_fabric_and_no_password_reaches_a_log(
     let (_, help, _) = run_cli(&["--help"], T);
     assert!(help.contains("--redis-password-file"), "{help}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_an_id_the_stream_does_not_hold_is_truncated_not_skipped() {
+    // What a primary that died before replicating leaves behind: an id inside the
+    // stream's range that the stream does not hold. XDEL makes one on purpose.
+    let fab = Fabric::start("holed", 1, |b| b).await;
+    let mut conn = fab.conn().await;
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for seq in 0..3 {
+            ids.push(fcall(&mut conn, &fab.ns, "job_updated", &json!({"seq": seq})).await);
+        }
+        ids
+    };
+    let _: i64 = redis::cmd("XDEL")
+        .arg(stream_key(&fab.ns))
+        .arg(&ids[1])
+        .query_async(&mut conn)
+        .await
+        .expect("XDEL");
+    // A replica started now holds nothing in memory, so the stream decides.
+    let late = replica(fab.redis.url(), &fab.ns, "holed-late").spawn();
+    let api = late.api();
+    api.wait_ready(T).await;
+    let mut c = SseClient::connect(api.base(), ConnectOpts::header(&ids[1])).await;
+    let first = c.expect_event(T).await;
+    assert_eq!(first.ty(), "history_truncated", "{}", c.summary());
+    let live = fcall(&mut conn, &fab.ns, "job_updated", &json!({"seq": 3})).await;
+    let got = c.expect_event(T).await;
+    assert_eq!(
+        (got.seq(), got.id.as_str()),
+        (Some(3), live.as_str()),
+        "{}",
+        c.summary()
+    );
+}

@@ -78,39 +78,65 @@ async fn master_state(sentinel: &Sentinel) -> Option<std::collections::HashMap<S
     )
 }
 
+/// A primary, one replica and three Sentinels watching them, ready to fail over.
+struct Failover {
+    primary: RedisProc,
+    replica: RedisProc,
+    sentinels: Vec<Sentinel>,
+    _dir: tempfile::TempDir,
+}
+
+impl Failover {
+    /// `None` (the test is skipped) when the Redis in use cannot be killed.
+    async fn start() -> Option<Self> {
+        let primary = RedisProc::start();
+        tools::require(primary.killable())?;
+        let replica = RedisProc::start_with(&[
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            primary.port().to_string(),
+        ]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sentinels: Vec<Sentinel> = (0..3)
+            .map(|_| Sentinel::start(dir.path(), primary.port()))
+            .collect();
+        // A failover needs the replica known and a majority of Sentinels aware of each
+        // other.
+        eventually(
+            "Sentinels know the replica and each other",
+            Duration::from_secs(30),
+            || async {
+                let state = master_state(&sentinels[0]).await?;
+                (state.get("num-slaves").map(String::as_str) == Some("1")
+                    && state.get("num-other-sentinels").map(String::as_str) == Some("2"))
+                .then_some(())
+            },
+        )
+        .await;
+        Some(Failover {
+            primary,
+            replica,
+            sentinels,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_follows_a_sentinel_failover_after_the_primary_is_killed() {
-    let mut primary = RedisProc::start();
-    if tools::require(primary.killable()).is_none() {
+    let Some(mut setup) = Failover::start().await else {
         return;
-    }
-    let replica = RedisProc::start_with(&[
-        "--replicaof".to_owned(),
-        "127.0.0.1".to_owned(),
-        primary.port().to_string(),
-    ]);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let sentinels: Vec<Sentinel> = (0..3)
-        .map(|_| Sentinel::start(dir.path(), primary.port()))
-        .collect();
-    // A failover needs the replica known and a majority of Sentinels aware of each other.
-    eventually(
-        "Sentinels know the replica and each other",
-        Duration::from_secs(30),
-        || async {
-            let state = master_state(&sentinels[0]).await?;
-            (state.get("num-slaves").map(String::as_str) == Some("1")
-                && state.get("num-other-sentinels").map(String::as_str) == Some("2"))
-            .then_some(())
-        },
-    )
-    .await;
-
-    let hosts: Vec<String> = sentinels
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect();
-    let url = format!("redis+sentinel://{}/mymaster", hosts.join(","));
+    };
+    let url = setup.url();
     let ns = unique_namespace("sentinel");
     let gw = GatewayBuilder::new().redis_url(&url).namespace(&ns).spawn();
     let api = gw.api();
@@ -121,7 +147,7 @@ async fn a_gateway_follows_a_sentinel_failover_after_the_primary_is_killed() {
     assert_eq!((got.seq(), got.id.as_str()), (Some(1), before.as_str()));
 
     // Kill the primary: readiness turns off at once, and on again on the new primary.
-    primary.kill();
+    setup.primary.kill();
     let killed = Instant::now();
     api.wait_readyz(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(5))
         .await;
@@ -129,7 +155,7 @@ async fn a_gateway_follows_a_sentinel_failover_after_the_primary_is_killed() {
         .await;
     let failover = killed.elapsed();
     // Sentinels learn of the failover one by one; the replica itself knows at once.
-    let client = redis::Client::open(replica.url()).expect("replica URL");
+    let client = redis::Client::open(setup.replica.url()).expect("replica URL");
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
@@ -220,4 +246,82 @@ async fn publish_min_replicas_acknowledges_only_what_replicas_confirmed() {
         message.contains(&got.id),
         "the message does not give the id: {message}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_killed_primary_loses_at_100_events_a_second_is_counted_and_resumers_are_told() {
+    let Some(mut setup) = Failover::start().await else {
+        return;
+    };
+    let ns = unique_namespace("loss");
+    let gw = GatewayBuilder::new()
+        .redis_url(&setup.url())
+        .namespace(&ns)
+        .spawn();
+    let api = gw.api();
+    api.wait_ready(T).await;
+
+    // A producer at 100 POST/s through the failover; it keeps what was acknowledged.
+    let producer = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let until = Instant::now() + Duration::from_secs(12);
+            let mut seq = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                seq += 1;
+                let body = json!({"type": "t", "data": {"seq": seq}}).to_string();
+                let (status, answer) = api.post_raw(body, "application/json").await;
+                if status == StatusCode::ACCEPTED {
+                    let answer: serde_json::Value =
+                        serde_json::from_str(&answer).expect("a JSON answer");
+                    acked.push(answer["id"].as_str().expect("an id").to_owned());
+                }
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    setup.primary.kill();
+    let acked = producer.await.expect("producer task");
+    api.wait_ready(T).await;
+
+    // What the new primary's stream holds.
+    let client = redis::Client::open(setup.replica.url()).expect("replica URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the new primary");
+    let stored: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(format!("{{{ns}}}:stream"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    let stored: std::collections::HashSet<String> = stored.into_iter().map(|(id, _)| id).collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    eprintln!(
+        "failover at 100 ev/s: {} publishes acknowledged, {} of them lost with the primary",
+        acked.len(),
+        lost.len()
+    );
+    assert!(
+        acked.len() > 500,
+        "the producer hardly ran: {} acknowledged",
+        acked.len()
+    );
+    // A browser whose last event was lost is told, never silently skipped ahead.
+    if let Some(lost) = lost.first() {
+        let mut c = SseClient::connect(api.base(), ConnectOpts::header(lost)).await;
+        let first = c.expect_event(T).await;
+        assert_eq!(
+            first.ty(),
+            "history_truncated",
+            "resume from lost {lost}: {}",
+            c.summary()
+        );
+    }
 }
