@@ -67,31 +67,23 @@ impl RedisProc {
     /// Starts an own `redis-server` on `port` (ignores `REDIS_URL`), e.g. for a gateway
     /// that was started while nothing listened there. Panics if it cannot be started.
     pub fn start_on_port(port: u16) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("eventfabric-redis-")
-            .tempdir()
-            .expect("create temp dir for redis");
-        let child = spawn_redis(port, dir.path())
-            .unwrap_or_else(|e| panic!("could not start redis-server on port {port}: {e}"));
-        RedisProc {
-            url: format!("redis://127.0.0.1:{port}/"),
-            port,
-            child: Some(child),
-            dir: Some(dir),
-            external: false,
-        }
+        Self::own(port, &[])
     }
 
     /// Starts an own `redis-server` (ignores `REDIS_URL`) with `extra` arguments, e.g. a TLS
     /// port next to the plain one the harness pings. Panics if it cannot be started.
     pub fn start_with(extra: &[String]) -> Self {
+        Self::own(free_port(), extra)
+    }
+
+    fn own(port: u16, extra: &[String]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("eventfabric-redis-")
             .tempdir()
             .expect("create temp dir for redis");
-        let port = free_port();
-        let child = spawn_redis_with(port, dir.path(), extra)
-            .unwrap_or_else(|e| panic!("could not start redis-server {extra:?}: {e}"));
+        let child = spawn_redis_with(port, dir.path(), extra).unwrap_or_else(|e| {
+            panic!("could not start redis-server on port {port} with {extra:?}: {e}")
+        });
         RedisProc {
             url: format!("redis://127.0.0.1:{port}/"),
             port,
