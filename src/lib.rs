@@ -89,16 +89,7 @@ impl Gateway {
                 Arc::clone(&replica_id),
             ),
             Some(target) => Broker::redis(
-                RedisSettings {
-                    target,
-                    namespace: config.namespace.clone(),
-                    history: config.history,
-                    max_event_bytes: config.max_event_bytes,
-                    min_replicas: config.publish_min_replicas,
-                    replica_timeout: std::time::Duration::from_millis(
-                        config.publish_replica_timeout_ms,
-                    ),
-                },
+                RedisSettings::from_config(target, &config),
                 hub.clone(),
                 Arc::clone(&metrics),
                 Arc::clone(&replica_id),

@@ -120,37 +120,35 @@ impl Publisher {
     /// A publisher for another process: writes to the namespace's stream in Redis, from
     /// where every replica delivers the event. No connection is made until first use.
     pub fn redis(url: &str, namespace: &str) -> Result<Self, PublishError> {
-        Self::on_redis(
-            RedisTarget::new(url, None, &TlsFiles::default())?,
-            namespace,
-        )
-    }
-
-    /// A publisher on the Redis and namespace that a gateway with `config` uses, password
-    /// and TLS files included. Fails when `config` names no Redis.
-    pub fn for_config(config: &Config) -> Result<Self, PublishError> {
-        let target = RedisTarget::from_config(config)?.ok_or_else(|| {
-            broker::Error::Rejected("no Redis configured (--redis-url or REDIS_URL)".to_owned())
-        })?;
-        Self::on_redis(target, &config.namespace)
-    }
-
-    fn on_redis(target: RedisTarget, namespace: &str) -> Result<Self, PublishError> {
-        broker::keys::validate_namespace(namespace)
-            .map_err(|why| broker::Error::Rejected(format!("namespace {why}")))?;
-        let settings = RedisSettings {
-            target,
+        Self::on_redis(RedisSettings {
+            target: RedisTarget::new(url, None, &TlsFiles::default())?,
             namespace: namespace.to_owned(),
             history: DEFAULT_HISTORY,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             min_replicas: 0,
             replica_timeout: std::time::Duration::ZERO,
-        };
+        })
+    }
+
+    /// A publisher on the Redis and namespace that a gateway with `config` uses: password,
+    /// TLS files, size limit and `--publish-min-replicas` included. Fails when `config`
+    /// names no Redis.
+    pub fn for_config(config: &Config) -> Result<Self, PublishError> {
+        let target = RedisTarget::from_config(config)?.ok_or_else(|| {
+            broker::Error::Rejected("no Redis configured (--redis-url or REDIS_URL)".to_owned())
+        })?;
+        Self::on_redis(RedisSettings::from_config(target, config))
+    }
+
+    fn on_redis(settings: RedisSettings) -> Result<Self, PublishError> {
+        broker::keys::validate_namespace(&settings.namespace)
+            .map_err(|why| broker::Error::Rejected(format!("namespace {why}")))?;
+        let max_bytes = settings.max_event_bytes;
         // A publisher delivers to nobody in this process: a hub without fan-out threads.
         let metrics = Arc::new(Metrics::new());
         let hub = Hub::new(1, 0, Arc::clone(&metrics));
         let broker = Broker::redis(settings, hub, metrics, "publisher".into())?;
-        Ok(Self::new(broker, DEFAULT_MAX_EVENT_BYTES))
+        Ok(Self::new(broker, max_bytes))
     }
 
     /// Publishes like [`Publisher::publish`]; a retry with the same `key` within ten

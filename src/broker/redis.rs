@@ -63,6 +63,20 @@ pub(crate) struct RedisSettings {
     pub replica_timeout: Duration,
 }
 
+impl RedisSettings {
+    /// The settings a gateway with `config` uses on `target`.
+    pub fn from_config(target: RedisTarget, config: &crate::config::Config) -> Self {
+        Self {
+            target,
+            namespace: config.namespace.clone(),
+            history: config.history,
+            max_event_bytes: config.max_event_bytes,
+            min_replicas: config.publish_min_replicas,
+            replica_timeout: Duration::from_millis(config.publish_replica_timeout_ms),
+        }
+    }
+}
+
 /// Shared state of the subscription, read by `/readyz`.
 #[derive(Debug, Default)]
 pub(crate) struct SubscriptionStatus {
