@@ -1285,9 +1285,31 @@ async fn an_undecodable_stored_entry_is_skipped_and_stops_nothing() {
         .await;
     let error = refused.expect_err("the function stored data that is not UTF-8");
     assert_eq!(error.code(), Some("ERR"), "{error:?}");
+    // Overlong forms, encoded surrogates and bytes past U+10FFFF are refused too; two-,
+    // three- and four-byte characters are not.
+    for bad in [
+        &b"\"\xc0\xaf\""[..],
+        b"\"\xed\xa0\x80\"",
+        b"\"\xf4\x90\x80\x80\"",
+        b"\"\xe2\x82\"",
+    ] {
+        let refused: redis::RedisResult<String> = redis::cmd("FCALL")
+            .arg("eventfabric_publish")
+            .arg(1)
+            .arg(stream_key(&fab.ns))
+            .arg("bad_utf8")
+            .arg(bad)
+            .query_async(&mut conn)
+            .await;
+        assert!(refused.is_err(), "{bad:?} was stored");
+    }
 
     // Anyone allowed to XADD can still store such an entry; it must stop nothing.
     let mut live = client(&api).await;
+    let text = "café € 😀 ✓";
+    fcall(&mut conn, &fab.ns, "utf8", &json!({"text": text})).await;
+    let got = live.expect_event(T).await;
+    assert_eq!(got.json["data"]["text"], text, "{}", live.summary());
     let before = fcall(&mut conn, &fab.ns, "job_updated", &json!({"seq": 0})).await;
     let got = live.expect_event(T).await;
     assert_eq!(got.seq(), Some(0), "{}", live.summary());
