@@ -196,6 +196,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=2_000))]
     pub publish_replica_timeout_ms: u64,
 
+    /// Web origins allowed to read the stream and publish from a browser: a comma-separated
+    /// list (`https://app.example.com,http://localhost:3000`; cookies allowed), or `*` (any
+    /// origin, without credentials). Unset: any origin may read the stream, none may publish.
+    #[arg(long, env = "EVENTFABRIC_CORS_ORIGINS", global = true, value_parser = parse_cors)]
+    pub cors_origins: Option<String>,
+
     /// Largest accepted publish body, in bytes.
     #[arg(long, env = "EVENTFABRIC_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES, global = true,
           value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
@@ -394,6 +400,10 @@ impl Config {
             )
         })
     }
+}
+
+fn parse_cors(value: &str) -> Result<String, String> {
+    crate::cors::CorsPolicy::parse(Some(value)).map(|_| value.to_owned())
 }
 
 fn parse_namespace(value: &str) -> Result<String, String> {

@@ -12,6 +12,7 @@
 //!   farewell `retry:`) and its two writers, raw socket and hyper.
 //! - `server`: the accept loop that routes each connection to a stream writer or hyper.
 //! - `connections`: the cap on connections that are not streams, and its reserve.
+//! - `cors`: which web origins may read the stream and publish (`--cors-origins`).
 //! - `http`: the axum routes (publish, stats, health, metrics).
 //! - `publisher`: publishing API for Rust producers.
 //! - `metrics`: counters behind `/metrics` and `/api/events/stats`.
@@ -20,6 +21,7 @@
 mod broker;
 mod config;
 mod connections;
+mod cors;
 mod error;
 mod event;
 mod http;

@@ -255,15 +255,16 @@ fn classify(head: &[u8]) -> Option<Classified> {
         let probe = matches!(request.method, Some("GET" | "HEAD")) && PROBE_PATHS.contains(&path);
         return Some(Classified::Http { probe });
     }
-    let last_event_id = request
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("last-event-id"))
-        .map(|h| h.value);
-    Some(Classified::Stream {
-        head_len,
-        params: StreamParams::parse(query, last_event_id),
-    })
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let mut params = StreamParams::parse(query, header("last-event-id"));
+    params.origin = header("origin").map(Box::from);
+    Some(Classified::Stream { head_len, params })
 }
 
 /// Writes `answer` and closes the connection. What the client has already sent is read

@@ -47,8 +47,11 @@ pub(crate) struct SharedState {
     pub max_clients: usize,
     /// The cap on connections that are not streams, and its reserve.
     pub connections: ConnectionCaps,
-    /// Response head and `retry:` line that open every raw stream.
+    /// Response head and `retry:` line that open every raw stream (when the CORS headers
+    /// do not depend on the client's origin).
     pub stream_preamble: Bytes,
+    /// Which web origins may read the stream and publish.
+    pub cors: crate::cors::CorsPolicy,
 }
 
 impl AppState {
@@ -61,6 +64,9 @@ impl AppState {
         replica_id: Arc<str>,
         shutdown: CancellationToken,
     ) -> Self {
+        // Validated when the flag was read; an unreadable value allows no origin.
+        let cors = crate::cors::CorsPolicy::parse(config.cors_origins.as_deref())
+            .unwrap_or(crate::cors::CorsPolicy::Listed(Vec::new()));
         let inner = SharedState {
             replica_id,
             max_clients: config.resolved_max_clients(),
@@ -69,7 +75,11 @@ impl AppState {
                 HEALTH_RESERVE,
                 metrics.other_connections.clone(),
             ),
-            stream_preamble: crate::stream::raw_preamble(config.retry_ms),
+            stream_preamble: crate::stream::raw_preamble(
+                config.retry_ms,
+                &cors.headers(None, crate::cors::Route::Stream),
+            ),
+            cors,
             config,
             hub,
             broker,

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::cors::Route;
 use crate::error::ApiError;
 use crate::server::STREAM_PATH;
 use crate::state::AppState;
@@ -29,6 +30,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/readyz", get(health::get_readyz))
         .route("/metrics", get(health::get_metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::new())
@@ -37,4 +39,45 @@ pub(crate) fn router(state: AppState) -> Router {
 
 async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+/// CORS for `POST /api/events` and preflights of it and of the stream; the stream's own
+/// headers come from the stream contract, on both writers.
+async fn cors(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+    use axum::response::IntoResponse;
+
+    let route = match request.uri().path() {
+        "/api/events" => Route::Publish,
+        STREAM_PATH => Route::Stream,
+        _ => return next.run(request).await,
+    };
+    let origin = request
+        .headers()
+        .get(header::ORIGIN)
+        .map(|o| o.as_bytes().to_vec());
+    let (headers, response) = if request.method() == Method::OPTIONS {
+        match state.cors.preflight(origin.as_deref()) {
+            Some(headers) => (headers, StatusCode::NO_CONTENT.into_response()),
+            None => return next.run(request).await,
+        }
+    } else if route == Route::Publish {
+        let headers = state.cors.headers(origin.as_deref(), Route::Publish);
+        (headers, next.run(request).await)
+    } else {
+        return next.run(request).await;
+    };
+    let mut response = response;
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::try_from(value) {
+            response
+                .headers_mut()
+                .append(HeaderName::from_static(name), value);
+        }
+    }
+    response
 }

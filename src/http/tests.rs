@@ -288,3 +288,86 @@ async fn health_readiness_and_metrics_answer() {
     );
     assert!(text.trim_end().ends_with("# EOF"));
 }
+
+#[tokio::test]
+async fn cors_on_publish_and_preflights_follow_the_configured_origins() {
+    let listed = app(|c| c.cors_origins = Some("https://app.example".to_owned())).await;
+    let from = |origin: &str, method: Method, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::ORIGIN, origin)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .body(Body::from(r#"{"type":"t"}"#))
+            .unwrap()
+    };
+    let header_of = |headers: &[(String, String)], name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+
+    let (status, headers, _) = call(
+        &listed,
+        from("https://app.example", Method::POST, "/api/events"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        header_of(&headers, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        header_of(&headers, "access-control-allow-credentials").as_deref(),
+        Some("true")
+    );
+
+    for path in ["/api/events", "/api/events/stream"] {
+        let (status, headers, _) =
+            call(&listed, from("https://app.example", Method::OPTIONS, path)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{path}");
+        let allowed = header_of(&headers, "access-control-allow-headers").unwrap_or_default();
+        assert!(
+            allowed.contains("Authorization") && allowed.contains("Content-Type"),
+            "{path}: {allowed}"
+        );
+        assert!(
+            header_of(&headers, "access-control-allow-methods").is_some_and(|m| m.contains("POST"))
+        );
+        let (status, headers, _) =
+            call(&listed, from("https://evil.example", Method::OPTIONS, path)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{path}");
+        assert_eq!(
+            header_of(&headers, "access-control-allow-origin"),
+            None,
+            "{path}"
+        );
+    }
+    let (_, headers, _) = call(
+        &listed,
+        from("https://evil.example", Method::POST, "/api/events"),
+    )
+    .await;
+    assert_eq!(header_of(&headers, "access-control-allow-origin"), None);
+
+    // Not configured: publishing carries no CORS header and a preflight is not answered.
+    let unset = app(|_| {}).await;
+    let (_, headers, _) = call(
+        &unset,
+        from("https://app.example", Method::POST, "/api/events"),
+    )
+    .await;
+    assert_eq!(header_of(&headers, "access-control-allow-origin"), None);
+    let (status, _, _) = call(
+        &unset,
+        from("https://app.example", Method::OPTIONS, "/api/events"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}

@@ -13,17 +13,18 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use crate::cors::{CorsPolicy, Headers, Route};
 use crate::error::{error_body, raw_error_response};
 use crate::hub::End;
 use crate::sse;
 use crate::state::AppState;
 
-/// Headers of every stream response, whichever writer serves it.
-pub(crate) const HEADERS: [(&str, &str); 4] = [
+/// Headers of every stream response, whichever writer serves it; the CORS headers
+/// (`crate::cors`) come on top.
+pub(crate) const HEADERS: [(&str, &str); 3] = [
     ("content-type", "text/event-stream"),
     ("cache-control", "no-cache, no-transform"),
     ("x-accel-buffering", "no"),
-    ("access-control-allow-origin", "*"),
 ];
 
 /// Longest `retry:` hint sent when the broker could not be read, so clients come back
@@ -104,9 +105,12 @@ pub(crate) fn preamble(retry_ms: u64) -> Bytes {
 
 /// The response head and first body bytes of a stream written on the raw socket: the
 /// body ends when the connection closes.
-pub(crate) fn raw_preamble(retry_ms: u64) -> Bytes {
+pub(crate) fn raw_preamble(retry_ms: u64, cors: &Headers) -> Bytes {
     let mut head = String::from("HTTP/1.1 200 OK\r\n");
     for (name, value) in HEADERS {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    for (name, value) in cors {
         let _ = write!(head, "{name}: {value}\r\n");
     }
     head.push_str("connection: close\r\n\r\n");
@@ -115,14 +119,40 @@ pub(crate) fn raw_preamble(retry_ms: u64) -> Bytes {
     Bytes::from(bytes)
 }
 
-/// The headers of [`HEADERS`] for a hyper response.
-pub(crate) fn header_map() -> impl Iterator<Item = (HeaderName, HeaderValue)> {
-    HEADERS.into_iter().map(|(name, value)| {
+/// The raw preamble of a stream from `origin`: the one made at start-up when the CORS
+/// headers do not depend on the origin, else one made for this request.
+pub(crate) fn raw_preamble_for(state: &AppState, origin: Option<&[u8]>) -> Bytes {
+    match &state.cors {
+        CorsPolicy::Listed(_) => raw_preamble(
+            state.config.retry_ms,
+            &state.cors.headers(origin, Route::Stream),
+        ),
+        CorsPolicy::StreamOnly | CorsPolicy::AnyOrigin => state.stream_preamble.clone(),
+    }
+}
+
+/// The headers of [`HEADERS`] and the CORS headers for `origin`, for a hyper response.
+pub(crate) fn header_map(
+    state: &AppState,
+    origin: Option<&[u8]>,
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    let fixed = HEADERS.into_iter().map(|(name, value)| {
         (
             HeaderName::from_static(name),
             HeaderValue::from_static(value),
         )
-    })
+    });
+    let cors = state
+        .cors
+        .headers(origin, Route::Stream)
+        .into_iter()
+        .filter_map(|(name, value)| {
+            Some((
+                HeaderName::from_static(name),
+                HeaderValue::try_from(value).ok()?,
+            ))
+        });
+    fixed.chain(cors)
 }
 
 /// The last bytes a stream gets when it ends for `end`: a `retry:` hint when the client
@@ -150,12 +180,14 @@ mod tests {
 
     #[test]
     fn raw_preamble_declares_an_event_stream_and_the_retry_hint() {
-        let head = raw_preamble(5000);
+        let cors = vec![("access-control-allow-origin", "*".to_owned())];
+        let head = raw_preamble(5000, &cors);
         let text = std::str::from_utf8(&head).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         for (name, value) in HEADERS {
             assert!(text.contains(&format!("{name}: {value}\r\n")), "{name}");
         }
+        assert!(text.contains("access-control-allow-origin: *\r\n"));
         assert!(text.ends_with("\r\n\r\nretry: 5000\n\n"));
     }
 

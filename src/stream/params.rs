@@ -13,6 +13,9 @@ pub(crate) struct StreamParams {
     pub types: TypeFilter,
     /// Resume after this id, when set and valid.
     pub last_event_id: Option<EventId>,
+    /// The `Origin` header, for the CORS headers of the response; dropped once they are
+    /// written.
+    pub origin: Option<Box<[u8]>>,
 }
 
 impl StreamParams {

@@ -34,6 +34,8 @@ pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: Ap
         refuse(stream, refusal).await;
         return;
     }
+    let mut params = params;
+    let preamble = contract::raw_preamble_for(&state, params.origin.take().as_deref());
     let socket = Arc::new(stream);
     let mut session = Session::open(
         &state,
@@ -41,7 +43,7 @@ pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: Ap
         Some(Arc::clone(&socket)),
         CancellationToken::new(),
     );
-    let mut batch = vec![state.stream_preamble.clone()];
+    let mut batch = vec![preamble];
     let mut events = 0;
     let end = loop {
         let written = tokio::select! {

@@ -223,8 +223,54 @@ async fn both_paths_answer_with_the_contract_headers_and_the_retry_hint() {
         for (name, value) in HEADERS {
             assert_eq!(stream.header(name), Some(value), "{path:?}: {name}");
         }
+        // No --cors-origins: any origin may read the stream, as the seed allowed.
+        assert_eq!(
+            stream.header("access-control-allow-origin"),
+            Some("*"),
+            "{path:?}"
+        );
         let body = stream.read_until(|t| t.contains("\n\n")).await;
         assert!(body.starts_with("retry: 1234\n\n"), "{path:?}: {body:?}");
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_paths_answer_cors_for_listed_origins_only() {
+    let gateway = InProcess::start(|c| {
+        c.cors_origins = Some("https://app.example,http://localhost:3000".to_owned());
+    })
+    .await;
+    for path in PATHS {
+        let listed = "origin: https://app.example\r\n";
+        let mut stream = Response::open(gateway.addr, path, STREAM, listed).await;
+        assert_eq!(stream.status, 200, "{path:?}");
+        assert_eq!(
+            stream.header("access-control-allow-origin"),
+            Some("https://app.example"),
+            "{path:?}"
+        );
+        assert_eq!(
+            stream.header("access-control-allow-credentials"),
+            Some("true"),
+            "{path:?}"
+        );
+        assert_eq!(stream.header("vary"), Some("Origin"), "{path:?}");
+        stream.read_until(|t| t.contains("retry:")).await;
+
+        let other = "origin: https://evil.example\r\n";
+        let stream = Response::open(gateway.addr, path, STREAM, other).await;
+        assert_eq!(stream.status, 200, "{path:?}");
+        assert_eq!(
+            stream.header("access-control-allow-origin"),
+            None,
+            "{path:?}"
+        );
+        assert_eq!(
+            stream.header("access-control-allow-credentials"),
+            None,
+            "{path:?}"
+        );
     }
     gateway.stop().await;
 }

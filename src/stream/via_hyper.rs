@@ -49,6 +49,8 @@ pub(crate) async fn stream_events(
     }
     let last_event_id = headers.get("last-event-id").map(HeaderValue::as_bytes);
     let params = StreamParams::parse(uri.query(), last_event_id);
+    let cors: Vec<_> =
+        contract::header_map(&state, headers.get("origin").map(HeaderValue::as_bytes)).collect();
     drop((uri, headers));
     let kill = kill.map(|k| k.0.0.clone()).unwrap_or_default();
     let session = Session::open(&state, params, None, kill);
@@ -74,7 +76,7 @@ pub(crate) async fn stream_events(
         }),
     );
     let mut response = Body::from_stream(body).into_response();
-    response.headers_mut().extend(contract::header_map());
+    response.headers_mut().extend(cors);
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
