@@ -176,9 +176,13 @@ local function position(keys, args)
      and #redis.call('XRANGE', stream, after, after) == 0 then
     return 2
   end
-  if first and first ~= false and id_less(after, first[1])
-     and tonumber(fields['entries-added']) > tonumber(fields['length']) then
-    return 1
+  if first and first ~= false and id_less(after, first[1]) then
+    -- Before the first entry: trimmed away if the stream ever dropped entries, else an
+    -- id it never had.
+    if tonumber(fields['entries-added']) > tonumber(fields['length']) then
+      return 1
+    end
+    if not from_start then return 2 end
   end
   return 0
 end

@@ -89,13 +89,35 @@ struct Failover {
 impl Failover {
     /// `None` (the test is skipped) when the Redis in use cannot be killed.
     async fn start() -> Option<Self> {
-        let primary = RedisProc::start();
+        // Its own servers (never a shared REDIS_URL): the primary gets killed. Without the
+        // default 5 s delay before a full sync, the replica has the data at once.
+        let primary =
+            RedisProc::start_with(&["--repl-diskless-sync-delay".to_owned(), "0".to_owned()]);
         tools::require(primary.killable())?;
         let replica = RedisProc::start_with(&[
             "--replicaof".to_owned(),
             "127.0.0.1".to_owned(),
             primary.port().to_string(),
         ]);
+        let replica_url = replica.url().to_owned();
+        eventually(
+            "the replica in sync with the primary",
+            Duration::from_secs(30),
+            || {
+                let url = replica_url.clone();
+                async move {
+                    let client = redis::Client::open(url).ok()?;
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    let info: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut conn)
+                        .await
+                        .ok()?;
+                    info.contains("master_link_status:up").then_some(())
+                }
+            },
+        )
+        .await;
         let dir = tempfile::tempdir().expect("temp dir");
         let sentinels: Vec<Sentinel> = (0..3)
             .map(|_| Sentinel::start(dir.path(), primary.port()))
@@ -146,7 +168,26 @@ async fn a_gateway_follows_a_sentinel_failover_after_the_primary_is_killed() {
     let got = c.expect_event(T).await;
     assert_eq!((got.seq(), got.id.as_str()), (Some(1), before.as_str()));
 
-    // Kill the primary: readiness turns off at once, and on again on the new primary.
+    // Once the replica has it (replication is asynchronous), kill the primary: readiness
+    // turns off at once, and on again on the new primary.
+    let replica_url = setup.replica.url().to_owned();
+    let stream = format!("{{{ns}}}:stream");
+    eventually("the replica holds the event", T, || {
+        let (url, stream, before) = (replica_url.clone(), stream.clone(), before.clone());
+        async move {
+            let client = redis::Client::open(url).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let held: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(&before)
+                .arg(&before)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (!held.is_empty()).then_some(())
+        }
+    })
+    .await;
     setup.primary.kill();
     let killed = Instant::now();
     api.wait_readyz(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(5))
