@@ -88,7 +88,10 @@ pub(crate) async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((socket, _)) => match state.connections.take() {
+            Ok((socket, _)) => match state
+                .connections
+                .take(state.max_clients.saturating_sub(state.hub.client_count()))
+            {
                 Some(slot) => {
                     tracker.spawn(handle_connection(
                         socket,
@@ -170,11 +173,24 @@ async fn handle_connection(
                 tracker.spawn(serve_raw(socket, params, state));
             }
         }
-        Sniffed::Http { probe: false } if slot.is_reserve() => {
-            state.metrics.connections_refused.inc();
-            Box::pin(answer_and_close(socket, busy(), Duration::ZERO)).await;
+        Sniffed::Http { probe } => {
+            // Room left by streams is for streams (and probes): anything else needs a
+            // general place, so other connections stay within their own cap.
+            let slot = if slot.is_stream_room() && !probe {
+                state.connections.take_other()
+            } else {
+                Some(slot)
+            };
+            match slot {
+                Some(slot) if probe || !slot.is_reserve() => {
+                    Box::pin(serve_http(socket, slot, state, router)).await;
+                }
+                _ => {
+                    state.metrics.connections_refused.inc();
+                    Box::pin(answer_and_close(socket, busy(), Duration::ZERO)).await;
+                }
+            }
         }
-        Sniffed::Http { .. } => Box::pin(serve_http(socket, slot, state, router)).await,
         Sniffed::TooLarge => {
             // A reserve place is not held while a client finishes sending a huge head.
             let linger = if slot.is_reserve() {
@@ -307,7 +323,7 @@ async fn answer_and_close(mut socket: TcpStream, answer: Bytes, linger: Duration
 async fn serve_http(socket: TcpStream, slot: Slot, state: AppState, router: Router) {
     let kill = ConnectionKill::default();
     let kicked = kill.clone();
-    let keep_alive = !slot.is_reserve();
+    let keep_alive = slot.is_general();
     let service = router.map_request(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(kill.clone());
         request.extensions_mut().insert(slot.clone());

@@ -300,10 +300,13 @@ async fn at_the_connection_cap_health_answers_other_requests_are_refused_and_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_cap_and_its_reserve_connections_are_closed_at_once_and_probes_recover() {
-    // The reserve holds 16 connections; a silent one leaves it after 1 s.
+    // The reserve holds 16 connections; a silent one leaves it after 1 s. Silent
+    // connections may also hold the room streams have left: one, with --max-clients 1.
     const RESERVE: usize = 16;
+    const STREAM_ROOM: usize = 1;
     let gw = GatewayBuilder::new()
         .opt("--max-other-connections", 1)
+        .opt("--max-clients", STREAM_ROOM)
         .opt("--request-timeout-secs", 30)
         .spawn();
     let addr = gw.addr();
@@ -313,7 +316,7 @@ async fn beyond_the_cap_and_its_reserve_connections_are_closed_at_once_and_probe
     })
     .await;
     let mut silent = Vec::new();
-    for _ in 0..RESERVE {
+    for _ in 0..STREAM_ROOM + RESERVE {
         silent.push(TcpStream::connect(addr).await.unwrap());
     }
     // Every place is taken: a new connection is answered (or just closed) at once.
@@ -462,4 +465,41 @@ async fn a_stream_with_a_large_head_under_the_limit_costs_what_any_stream_costs(
         "{per_stream:.1} KiB per stream with a 14 KB head"
     );
     drop(streams);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_larger_than_the_other_cap_is_admitted_without_a_503() {
+    // Clients of a dead replica arrive all at once, and none has sent its head yet when
+    // the next is accepted. A browser's EventSource gives up for good on a 503, so they
+    // must fit in the room streams have left, not in the cap for other connections.
+    const STORM: usize = 200;
+    let gw = GatewayBuilder::new()
+        .opt("--max-other-connections", 4)
+        .spawn();
+    let addr = gw.addr();
+    let mut sockets = Vec::new();
+    for _ in 0..STORM {
+        sockets.push(TcpStream::connect(addr).await.unwrap());
+    }
+    for socket in &mut sockets {
+        socket
+            .write_all(b"GET /api/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for socket in &mut sockets {
+        let mut head = vec![0u8; 12];
+        let status = match tokio::time::timeout(T, socket.read_exact(&mut head)).await {
+            Ok(Ok(_)) => String::from_utf8_lossy(&head[9..12]).into_owned(),
+            _ => "closed".to_owned(),
+        };
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    assert_eq!(statuses.get("200"), Some(&STORM), "answers: {statuses:?}");
+    // And once they are streams, the cap for other connections is free again.
+    eventually("other connections back to 1 (this request)", T, || async {
+        (metric(addr, "eventfabric_other_connections").await? <= 1.0).then_some(())
+    })
+    .await;
 }
