@@ -33,6 +33,12 @@ pub(crate) enum ApiError {
     /// No route matches the path.
     #[error("no such endpoint")]
     NotFound,
+    /// The request target is longer than the gateway reads.
+    #[error("the request target exceeds {limit} bytes")]
+    UriTooLong {
+        /// The limit.
+        limit: usize,
+    },
     /// The broker cannot take the request now.
     #[error("broker unavailable")]
     Unavailable(#[source] crate::broker::Error),
@@ -48,6 +54,7 @@ impl ApiError {
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "uri_too_long"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::NotReplicated(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_replicated"),
         }

@@ -45,6 +45,12 @@ pub(crate) const STREAM_PATH: &str = "/api/events/stream";
 /// a 300 KB head keep ~311 KB).
 pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 
+/// Most header fields in a request head; more get `431` on both paths.
+pub(crate) const MAX_HEADERS: usize = 64;
+
+/// Longest request target (path and query); longer ones get `414` on both paths.
+pub(crate) const MAX_URI_BYTES: usize = 8 * 1024;
+
 /// First size of the sniffing buffer.
 const SNIFF_START: usize = 1024;
 
@@ -138,14 +144,34 @@ fn head_too_large() -> Bytes {
     )
 }
 
+/// The answer to a head with more than [`MAX_HEADERS`] fields.
+fn too_many_headers() -> Bytes {
+    raw_error_response(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "headers_too_large",
+        &format!("the request has more than {MAX_HEADERS} header fields"),
+        None,
+    )
+}
+
+/// The answer to a request target longer than [`MAX_URI_BYTES`].
+fn uri_too_long() -> Bytes {
+    raw_error_response(
+        StatusCode::URI_TOO_LONG,
+        "uri_too_long",
+        &format!("the request target exceeds {MAX_URI_BYTES} bytes"),
+        None,
+    )
+}
+
 /// What the first bytes of a connection say.
 enum Sniffed {
     /// A stream request; `head` is as long as its request head and can take it.
     Stream { head: Vec<u8>, params: StreamParams },
     /// Anything else: hyper serves it. `probe` is set for a health or metrics request.
     Http { probe: bool },
-    /// The head is longer than [`MAX_HEAD_BYTES`].
-    TooLarge,
+    /// The head breaks a limit; the answer says which.
+    Refused(Bytes),
     /// The client left or sent nothing in time.
     Gone,
 }
@@ -191,14 +217,14 @@ async fn handle_connection(
                 }
             }
         }
-        Sniffed::TooLarge => {
+        Sniffed::Refused(answer) => {
             // A reserve place is not held while a client finishes sending a huge head.
             let linger = if slot.is_reserve() {
                 Duration::ZERO
             } else {
                 REFUSAL_LINGER
             };
-            Box::pin(answer_and_close(socket, head_too_large(), linger)).await;
+            Box::pin(answer_and_close(socket, answer, linger)).await;
         }
         Sniffed::Gone => {}
     }
@@ -222,8 +248,9 @@ async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
                 return Sniffed::Stream { head: buf, params };
             }
             Some(Classified::Http { probe }) => return Sniffed::Http { probe },
+            Some(Classified::Refused(answer)) => return Sniffed::Refused(answer()),
             None if peeked == buf.len() && buf.len() >= MAX_HEAD_BYTES => {
-                return Sniffed::TooLarge;
+                return Sniffed::Refused(head_too_large());
             }
             None if peeked == buf.len() => buf.resize((buf.len() * 2).min(MAX_HEAD_BYTES), 0),
             None => {
@@ -252,17 +279,23 @@ enum Classified {
     },
     /// Anything else; `probe` for a `GET` or `HEAD` of a health or metrics path.
     Http { probe: bool },
+    /// A head that breaks a limit, with the answer it gets.
+    Refused(fn() -> Bytes),
 }
 
 /// Decides from a (possibly partial) head; `None` means more bytes are needed.
 fn classify(head: &[u8]) -> Option<Classified> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(head) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
+        Err(httparse::Error::TooManyHeaders) => return Some(Classified::Refused(too_many_headers)),
         Err(_) => return Some(Classified::Http { probe: false }),
     };
+    if request.path?.len() > MAX_URI_BYTES {
+        return Some(Classified::Refused(uri_too_long));
+    }
     let (path, query) = match request.path?.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (request.path?, None),
@@ -335,6 +368,7 @@ async fn serve_http(socket: TcpStream, slot: Slot, state: AppState, router: Rout
         // response's end, so it is the idle timeout of a keep-alive connection as well.
         .header_read_timeout(state.config.request_timeout())
         .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
         .keep_alive(keep_alive)
         .serve_connection(TokioIo::new(socket), TowerToHyperService::new(service));
     tokio::pin!(connection);
@@ -423,6 +457,37 @@ mod tests {
         assert!(matches!(
             classify(b"POST /healthz HTTP/1.1\r\n\r\n"),
             Some(Classified::Http { probe: false })
+        ));
+    }
+
+    #[test]
+    fn heads_over_the_field_or_target_limits_are_refused() {
+        let with_fields = |n: usize| {
+            let fields: String = (0..n).map(|i| format!("x{i}: v\r\n")).collect();
+            format!("GET /api/events/stream HTTP/1.1\r\n{fields}\r\n")
+        };
+        assert!(matches!(
+            classify(with_fields(MAX_HEADERS).as_bytes()),
+            Some(Classified::Stream { .. })
+        ));
+        assert!(matches!(
+            classify(with_fields(MAX_HEADERS + 1).as_bytes()),
+            Some(Classified::Refused(_))
+        ));
+        let target = |n: usize| {
+            format!(
+                "GET /api/events/stream?types={} HTTP/1.1\r\n\r\n",
+                "a".repeat(n)
+            )
+        };
+        let fits = MAX_URI_BYTES - "/api/events/stream?types=".len();
+        assert!(matches!(
+            classify(target(fits).as_bytes()),
+            Some(Classified::Stream { .. })
+        ));
+        assert!(matches!(
+            classify(target(fits + 1).as_bytes()),
+            Some(Classified::Refused(_))
         ));
     }
 

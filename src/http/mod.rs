@@ -16,7 +16,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::cors::Route;
 use crate::error::ApiError;
-use crate::server::STREAM_PATH;
+use crate::server::{MAX_URI_BYTES, STREAM_PATH};
 use crate::state::AppState;
 
 /// The application's routes and layers.
@@ -31,6 +31,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/metrics", get(health::get_metrics))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
+        .layer(axum::middleware::from_fn(refuse_long_uri))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::new())
@@ -39,6 +40,26 @@ pub(crate) fn router(state: AppState) -> Router {
 
 async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+/// `414` for a request target longer than a fresh connection accepts, so a keep-alive
+/// connection (which hyper reads) answers the same.
+async fn refuse_long_uri(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if target > MAX_URI_BYTES {
+        return ApiError::UriTooLong {
+            limit: MAX_URI_BYTES,
+        }
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// CORS for `POST /api/events` and preflights of it and of the stream; the stream's own

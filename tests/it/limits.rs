@@ -503,3 +503,52 @@ async fn a_reconnect_storm_larger_than_the_other_cap_is_admitted_without_a_503()
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_headers_get_431_and_a_long_target_414_on_both_paths() {
+    let gw = GatewayBuilder::new().spawn();
+    let addr = gw.addr();
+    let many_headers = {
+        let fields: String = (0..70).map(|i| format!("x-h{i}: v\r\n")).collect();
+        format!("GET /api/events/stream HTTP/1.1\r\nhost: t\r\n{fields}\r\n")
+    };
+    let long_target = format!(
+        "GET /api/events/stream?types={} HTTP/1.1\r\nhost: t\r\n\r\n",
+        "a".repeat(9 * 1024)
+    );
+    // A fresh connection (the raw path): the JSON error bodies.
+    once(addr, &many_headers)
+        .await
+        .expect("an answer to 70 header fields")
+        .assert_error(431, "headers_too_large");
+    once(addr, &long_target)
+        .await
+        .expect("an answer to a 9 KiB target")
+        .assert_error(414, "uri_too_long");
+    // 64 fields (62 here, host and connection) are still fine.
+    let fields: String = (0..62).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET /healthz HTTP/1.1\r\nhost: t\r\n{fields}connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(read_answer(&mut tcp, T).await.map(|a| a.status), Some(200));
+
+    // A reused keep-alive connection (hyper): the same statuses.
+    for (request, status) in [(&many_headers, 431), (&long_target, 414)] {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_answer(&mut tcp, T).await.unwrap().status, 200);
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut tcp, T)
+            .await
+            .expect("an answer on the reused connection");
+        assert_eq!(answer.status, status, "{answer:?}");
+        if status == 414 {
+            answer.assert_error(414, "uri_too_long");
+        }
+    }
+}
