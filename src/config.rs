@@ -202,6 +202,21 @@ pub struct Config {
     #[arg(long, env = "EVENTFABRIC_CORS_ORIGINS", global = true, value_parser = parse_cors)]
     pub cors_origins: Option<String>,
 
+    /// Most streams one client address may hold open (`429` beyond); 0: no limit. Many
+    /// users can share one address behind a NAT, so pick it generously.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_MAX_CLIENTS_PER_IP",
+        default_value_t = 0,
+        global = true
+    )]
+    pub max_clients_per_ip: u32,
+
+    /// Proxies (comma-separated addresses or CIDR blocks) whose `X-Forwarded-For` names
+    /// the client for --max-clients-per-ip; from anyone else the header is ignored.
+    #[arg(long, env = "EVENTFABRIC_TRUSTED_PROXIES", global = true, value_parser = parse_trusted_proxies)]
+    pub trusted_proxies: Option<String>,
+
     /// Largest accepted publish body, in bytes.
     #[arg(long, env = "EVENTFABRIC_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES, global = true,
           value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
@@ -400,6 +415,10 @@ impl Config {
             )
         })
     }
+}
+
+fn parse_trusted_proxies(value: &str) -> Result<String, String> {
+    crate::address::TrustedProxies::parse(Some(value)).map(|_| value.to_owned())
 }
 
 fn parse_cors(value: &str) -> Result<String, String> {

@@ -11,6 +11,7 @@
 //! - `stream`: the response contract every stream shares (admission, headers, `503`,
 //!   farewell `retry:`) and its two writers, raw socket and hyper.
 //! - `server`: the accept loop that routes each connection to a stream writer or hyper.
+//! - `address`: a client's address (behind trusted proxies) and streams per address.
 //! - `connections`: the cap on connections that are not streams, and its reserve.
 //! - `cors`: which web origins may read the stream and publish (`--cors-origins`).
 //! - `http`: the axum routes (publish, stats, health, metrics).
@@ -18,6 +19,7 @@
 //! - `metrics`: counters behind `/metrics` and `/api/events/stats`.
 //! - `state`, `error`, `shutdown`, `telemetry`: plumbing.
 
+mod address;
 mod broker;
 mod config;
 mod connections;

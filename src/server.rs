@@ -313,6 +313,7 @@ fn classify(head: &[u8]) -> Option<Classified> {
     };
     let mut params = StreamParams::parse(query, header("last-event-id"));
     params.origin = header("origin").map(Box::from);
+    params.forwarded_for = header("x-forwarded-for").map(Box::from);
     Some(Classified::Stream { head_len, params })
 }
 
@@ -350,6 +351,10 @@ async fn answer_and_close(mut socket: TcpStream, answer: Bytes, linger: Duration
     let _ = tokio::time::timeout(linger, lingering).await;
 }
 
+/// The address a connection served by hyper comes from, for the stream's admission.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub Option<std::net::IpAddr>);
+
 /// Serves a connection with hyper (HTTP/1.1, keep-alive) and the axum router. The
 /// connection keeps `slot` until it closes, unless a stream on it gives it back; a
 /// connection from the health reserve carries one request only.
@@ -357,8 +362,10 @@ async fn serve_http(socket: TcpStream, slot: Slot, state: AppState, router: Rout
     let kill = ConnectionKill::default();
     let kicked = kill.clone();
     let keep_alive = slot.is_general();
+    let peer = PeerAddr(socket.peer_addr().ok().map(|addr| addr.ip()));
     let service = router.map_request(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(kill.clone());
+        request.extensions_mut().insert(peer);
         request.extensions_mut().insert(slot.clone());
         request
     });

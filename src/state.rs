@@ -52,6 +52,10 @@ pub(crate) struct SharedState {
     pub stream_preamble: Bytes,
     /// Which web origins may read the stream and publish.
     pub cors: crate::cors::CorsPolicy,
+    /// Streams open per client address (`--max-clients-per-ip`).
+    pub per_address: Arc<crate::address::PerAddress>,
+    /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxies`).
+    pub trusted_proxies: crate::address::TrustedProxies,
 }
 
 impl AppState {
@@ -67,7 +71,14 @@ impl AppState {
         // Validated when the flag was read; an unreadable value allows no origin.
         let cors = crate::cors::CorsPolicy::parse(config.cors_origins.as_deref())
             .unwrap_or(crate::cors::CorsPolicy::Listed(Vec::new()));
+        let per_address = crate::address::PerAddress::new(config.max_clients_per_ip as usize);
+        // Validated when the flag was read; an unreadable value trusts no proxy.
+        let trusted_proxies =
+            crate::address::TrustedProxies::parse(config.trusted_proxies.as_deref())
+                .unwrap_or_default();
         let inner = SharedState {
+            per_address,
+            trusted_proxies,
             replica_id,
             max_clients: config.resolved_max_clients(),
             connections: ConnectionCaps::new(

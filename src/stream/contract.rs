@@ -13,6 +13,9 @@ use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use std::net::IpAddr;
+
+use crate::address::{self, AddressSlot};
 use crate::cors::{CorsPolicy, Headers, Route};
 use crate::error::{error_body, raw_error_response};
 use crate::hub::End;
@@ -36,18 +39,25 @@ const BROKER_RETRY_CAP_MS: u64 = 1000;
 pub(crate) enum Refusal {
     /// The replica is draining or already serves its most clients: try another one.
     Unavailable,
+    /// The client's address already has `--max-clients-per-ip` streams open.
+    TooManyFromAddress,
 }
 
 impl Refusal {
     fn status(self) -> StatusCode {
         match self {
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     fn code_and_message(self) -> (&'static str, &'static str) {
         match self {
             Self::Unavailable => ("unavailable", "this replica cannot take more streams now"),
+            Self::TooManyFromAddress => (
+                "too_many_streams",
+                "this address has as many streams open as it may",
+            ),
         }
     }
 
@@ -60,6 +70,7 @@ impl Refusal {
     fn retry_after(self) -> Option<u32> {
         match self {
             Self::Unavailable => Some(1),
+            Self::TooManyFromAddress => Some(5),
         }
     }
 
@@ -90,12 +101,25 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Decides whether a new stream may open now.
-pub(crate) fn admit(state: &AppState) -> Result<(), Refusal> {
+/// Decides whether a new stream from `peer` (a proxy's `forwarded_for` counting when
+/// the proxy is trusted) may open now; the slot it returns holds the stream's place under
+/// `--max-clients-per-ip` for as long as it lives.
+pub(crate) fn admit(
+    state: &AppState,
+    peer: Option<IpAddr>,
+    forwarded_for: Option<&[u8]>,
+) -> Result<Option<AddressSlot>, Refusal> {
     if state.is_draining() || state.hub.client_count() >= state.max_clients {
         return Err(Refusal::Unavailable);
     }
-    Ok(())
+    let Some(peer) = peer else {
+        return Ok(None);
+    };
+    let client = address::client_address(peer, forwarded_for, &state.trusted_proxies);
+    state
+        .per_address
+        .take(client)
+        .map_err(|()| Refusal::TooManyFromAddress)
 }
 
 /// The first bytes of every stream body: the reconnect delay.

@@ -16,6 +16,9 @@ pub(crate) struct StreamParams {
     /// The `Origin` header, for the CORS headers of the response; dropped once they are
     /// written.
     pub origin: Option<Box<[u8]>>,
+    /// The `X-Forwarded-For` header, for `--max-clients-per-ip` behind a trusted proxy;
+    /// dropped once the stream is admitted.
+    pub forwarded_for: Option<Box<[u8]>>,
 }
 
 impl StreamParams {

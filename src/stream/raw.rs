@@ -30,11 +30,17 @@ const FAREWELL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(2
 
 /// Serves one stream on `stream`, whose request head has already been consumed.
 pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: AppState) {
-    if let Err(refusal) = contract::admit(&state) {
-        refuse(stream, refusal).await;
-        return;
-    }
+    let peer = stream.peer_addr().ok().map(|addr| addr.ip());
     let mut params = params;
+    let forwarded_for = params.forwarded_for.take();
+    let address = match contract::admit(&state, peer, forwarded_for.as_deref()) {
+        Ok(address) => address,
+        Err(refusal) => {
+            refuse(stream, refusal).await;
+            return;
+        }
+    };
+    drop(forwarded_for);
     let preamble = contract::raw_preamble_for(&state, params.origin.take().as_deref());
     let socket = Arc::new(stream);
     let mut session = Session::open(
@@ -42,6 +48,7 @@ pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: Ap
         params,
         Some(Arc::clone(&socket)),
         CancellationToken::new(),
+        address,
     );
     let mut batch = vec![preamble];
     let mut events = 0;
@@ -165,7 +172,7 @@ mod size_tests {
             "{}",
             std::mem::size_of_val(&serving)
         );
-        let mut session = Session::open(&state, Default::default(), None, Default::default());
+        let mut session = Session::open(&state, Default::default(), None, Default::default(), None);
         let mut out = Vec::new();
         let waiting = session.next_batch(&mut out);
         assert!(

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::StreamParams;
+use crate::address::AddressSlot;
 use crate::broker::REPLAY_PAGE;
 use crate::event::EventId;
 use crate::hub::{Attachment, Client, End};
@@ -29,6 +30,8 @@ pub struct Session {
     resume_after: Option<EventId>,
     /// Still replaying history after this id.
     replay_after: Option<EventId>,
+    /// The stream's place under `--max-clients-per-ip`, given back when the session ends.
+    _address: Option<AddressSlot>,
 }
 
 impl Session {
@@ -39,6 +42,7 @@ impl Session {
         params: StreamParams,
         socket: Option<Arc<TcpStream>>,
         kill: CancellationToken,
+        address: Option<AddressSlot>,
     ) -> Self {
         let resume_after = params.last_event_id;
         let client = Client::new(socket, params.types, resume_after, kill);
@@ -51,6 +55,7 @@ impl Session {
             state: state.clone(),
             resume_after,
             replay_after: resume_after,
+            _address: address,
         }
     }
 

@@ -346,6 +346,73 @@ async fn both_paths_tell_a_client_with_an_unknown_id_and_serve_it_live() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_paths_limit_streams_per_address_behind_trusted_proxies_only() {
+    let behind_proxy = InProcess::start(|c| {
+        c.max_clients_per_ip = 1;
+        c.trusted_proxies = Some("127.0.0.0/8".to_owned());
+    })
+    .await;
+    for (n, path) in PATHS.into_iter().enumerate() {
+        let from = |host: u8| format!("x-forwarded-for: 6.6.6.6, 198.51.100.{host}\r\n");
+        let client = 10 + n as u8 * 10;
+        let mut first = Response::open(behind_proxy.addr, path, STREAM, &from(client)).await;
+        assert_eq!(first.status, 200, "{path:?}");
+        first.read_until(|t| t.contains("retry:")).await;
+        let second = Response::open(behind_proxy.addr, path, STREAM, &from(client)).await;
+        assert_eq!(
+            second.status, 429,
+            "{path:?}: a second stream from one address"
+        );
+        assert_eq!(second.header("retry-after"), Some("5"), "{path:?}");
+        let other = Response::open(behind_proxy.addr, path, STREAM, &from(client + 1)).await;
+        assert_eq!(
+            other.status, 200,
+            "{path:?}: another address behind the same proxy"
+        );
+        // The address's place comes back when its stream ends.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let again = Response::open(behind_proxy.addr, path, STREAM, &from(client)).await;
+            if again.status == 200 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path:?}: the place never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    behind_proxy.stop().await;
+
+    // No trusted proxy: the header is the client's own words, and the peer address counts.
+    let direct = InProcess::start(|c| c.max_clients_per_ip = 1).await;
+    for path in PATHS {
+        let mut first =
+            Response::open(direct.addr, path, STREAM, "x-forwarded-for: 1.1.1.1\r\n").await;
+        assert_eq!(first.status, 200, "{path:?}");
+        first.read_until(|t| t.contains("retry:")).await;
+        let second =
+            Response::open(direct.addr, path, STREAM, "x-forwarded-for: 2.2.2.2\r\n").await;
+        assert_eq!(
+            second.status, 429,
+            "{path:?}: a forged header must not make room"
+        );
+        drop(first);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while Response::open(direct.addr, path, STREAM, "").await.status != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path:?}: the place never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    direct.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_paths_refuse_a_full_replica_with_503_retry_after_and_a_json_body() {
     let gateway = InProcess::start(|c| c.max_clients = 1).await;
     let mut holder = Response::open(gateway.addr, Path::Fresh, STREAM, "").await;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::contract;
 use super::{Session, StreamParams};
 use crate::connections::Slot;
+use crate::server::PeerAddr;
 use crate::state::AppState;
 
 /// Cancelling this drops the HTTP connection it belongs to. The hub cancels it when a
@@ -43,17 +44,21 @@ pub(crate) async fn stream_events(
     headers: HeaderMap,
     kill: Option<axum::Extension<ConnectionKill>>,
     slot: Option<axum::Extension<Slot>>,
+    peer: Option<axum::Extension<PeerAddr>>,
 ) -> Response {
-    if let Err(refusal) = contract::admit(&state) {
-        return refusal.into_response();
-    }
+    let peer = peer.and_then(|axum::Extension(PeerAddr(ip))| ip);
+    let forwarded_for = headers.get("x-forwarded-for").map(HeaderValue::as_bytes);
+    let address = match contract::admit(&state, peer, forwarded_for) {
+        Ok(address) => address,
+        Err(refusal) => return refusal.into_response(),
+    };
     let last_event_id = headers.get("last-event-id").map(HeaderValue::as_bytes);
     let params = StreamParams::parse(uri.query(), last_event_id);
     let cors: Vec<_> =
         contract::header_map(&state, headers.get("origin").map(HeaderValue::as_bytes)).collect();
     drop((uri, headers));
     let kill = kill.map(|k| k.0.0.clone()).unwrap_or_default();
-    let session = Session::open(&state, params, None, kill);
+    let session = Session::open(&state, params, None, kill, address);
     if let Some(axum::Extension(slot)) = slot {
         slot.release();
     }
