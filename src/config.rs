@@ -217,6 +217,70 @@ pub struct Config {
     #[arg(long, env = "EVENTFABRIC_TRUSTED_PROXIES", global = true, value_parser = parse_trusted_proxies)]
     pub trusted_proxies: Option<String>,
 
+    /// HMAC secret that signs tokens (HS256, HS384 or HS512). With any --jwt-* key set,
+    /// publishing and stats need a token, and streams without one get only
+    /// --anonymous-types. Prefer the variable: a flag's value shows in process lists.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM file of a public key that signs tokens: RSA (RS256/384/512, PS256/384/512), EC
+    /// P-256 (ES256), EC P-384 (ES384) or Ed25519 (EdDSA).
+    #[arg(long, env = "EVENTFABRIC_JWT_PUBLIC_KEY", global = true)]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// JWKS URL of an identity provider: fetched at start and cached; a token naming an
+    /// unknown `kid` refetches it at most once per 30 s. Keys are bound to --jwt-issuer.
+    #[arg(long, env = "EVENTFABRIC_JWT_JWKS_URL", global = true)]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Required `iss` of every token, when set.
+    #[arg(long, env = "EVENTFABRIC_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of every token, when set.
+    #[arg(long, env = "EVENTFABRIC_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+
+    /// Cookie a browser's token is read from (set it HttpOnly, Secure, SameSite from your
+    /// backend). A cookie never authorizes a publish.
+    #[arg(
+        long,
+        env = "EVENTFABRIC_JWT_COOKIE",
+        default_value = "eventfabric_token",
+        global = true
+    )]
+    pub jwt_cookie: String,
+
+    /// Also read a stream's token from `?access_token=` (it then shows in access logs,
+    /// browser history and Referer headers: prefer the cookie).
+    #[arg(long, env = "EVENTFABRIC_ALLOW_QUERY_TOKEN", global = true)]
+    pub allow_query_token: bool,
+
+    /// Event types a stream without a token may receive: comma-separated types or prefixes
+    /// ending in `*`; empty for none. Default: `*` with no token key configured, none with one.
+    #[arg(long, env = "EVENTFABRIC_ANONYMOUS_TYPES", global = true, value_parser = parse_patterns)]
+    pub anonymous_types: Option<String>,
+
+    /// Serve `/api/events/stats` without a token even when a token key is configured.
+    #[arg(long, env = "EVENTFABRIC_PUBLIC_STATS", global = true)]
+    pub public_stats: bool,
+
+    /// Most events per second one token subject (or, without a token, one client address)
+    /// may publish, with bursts of twice that; beyond it `429`. 0: no limit.
+    #[arg(long, env = "EVENTFABRIC_PUBLISH_RATE", default_value_t = 0, global = true,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub publish_rate: u32,
+
+    /// A second address serving only `/healthz`, `/readyz` and `/metrics` (for probes and
+    /// scrapes; keep it off the ingress). When set, the main address no longer serves them.
+    #[arg(long, env = "EVENTFABRIC_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Largest accepted publish body, in bytes.
     #[arg(long, env = "EVENTFABRIC_MAX_EVENT_BYTES", default_value_t = DEFAULT_MAX_EVENT_BYTES, global = true,
           value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
@@ -421,6 +485,10 @@ fn parse_trusted_proxies(value: &str) -> Result<String, String> {
     crate::address::TrustedProxies::parse(Some(value)).map(|_| value.to_owned())
 }
 
+fn parse_patterns(value: &str) -> Result<String, String> {
+    crate::auth::parse_patterns(value).map(|_| value.to_owned())
+}
+
 fn parse_cors(value: &str) -> Result<String, String> {
     crate::cors::CorsPolicy::parse(Some(value)).map(|_| value.to_owned())
 }
@@ -460,10 +528,14 @@ mod tests {
             "redis://gw:s3cret@h:6379",
             "--redis-password",
             "hunter2",
+            "--jwt-secret",
+            "jwt-key-material",
         ]);
         let debug = format!("{:?}", cli.config);
         assert!(
-            !debug.contains("s3cret") && !debug.contains("hunter2"),
+            !debug.contains("s3cret")
+                && !debug.contains("hunter2")
+                && !debug.contains("jwt-key-material"),
             "{debug}"
         );
         assert_eq!(

@@ -45,6 +45,15 @@ pub(crate) enum ApiError {
     /// Stored, but not confirmed by enough replicas; the message says so and gives the id.
     #[error("{0}")]
     NotReplicated(String),
+    /// No token, a bad one, or one that does not grant this.
+    #[error("{}", .0.status_code_message().2)]
+    Denied(crate::auth::Denied),
+    /// The publisher is over `--publish-rate`.
+    #[error("this publisher is over its rate of events per second; retry later")]
+    RateLimited {
+        /// Seconds until it may publish again.
+        retry_after: u32,
+    },
 }
 
 impl ApiError {
@@ -57,6 +66,11 @@ impl ApiError {
             Self::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "uri_too_long"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::NotReplicated(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_replicated"),
+            Self::Denied(denied) => {
+                let (status, code, _) = denied.status_code_message();
+                (status, code)
+            }
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
         }
     }
 }
@@ -82,6 +96,22 @@ impl IntoResponse for ApiError {
             error_body(code, &message),
         )
             .into_response();
+        match &self {
+            Self::Denied(denied) => {
+                if let Some(challenge) = denied.www_authenticate() {
+                    response.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static(challenge),
+                    );
+                }
+            }
+            Self::RateLimited { retry_after } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
+        }
         if matches!(self, Self::TooLarge { .. } | Self::RequestTimeout { .. }) {
             // The rest of the body is not read, so the connection cannot carry another
             // request; say so rather than let the client find out on its next one (hyper
@@ -123,14 +153,25 @@ pub(crate) fn raw_error_response(
     message: &str,
     retry_after: Option<u32>,
 ) -> Bytes {
+    let retry = retry_after.map(|seconds| ("retry-after", seconds.to_string()));
+    raw_error_response_with(status, code, message, retry.as_slice())
+}
+
+/// [`raw_error_response`] with other headers on top (`WWW-Authenticate`, ...).
+pub(crate) fn raw_error_response_with(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    headers: &[(&str, String)],
+) -> Bytes {
     let body = error_body(code, message);
     let mut head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
-    if let Some(seconds) = retry_after {
-        let _ = write!(head, "retry-after: {seconds}\r\n");
+    for (name, value) in headers {
+        let _ = write!(head, "{name}: {value}\r\n");
     }
     let _ = write!(
         head,

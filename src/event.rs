@@ -213,22 +213,86 @@ fn skip_string(bytes: &[u8], mut at: usize) -> Result<usize, InvalidEventData> {
     }
 }
 
-/// Which event types a client wants: every type, or only those listed.
+/// Most patterns one filter or grant may hold: every event is matched against each of a
+/// client's patterns, so the list is kept short.
+pub const MAX_PATTERNS: usize = 64;
+
+/// Which event types a client wants or may receive: every type, or those matching one of
+/// its patterns. A pattern is an exact type (`order_created`) or a prefix ending in `*`
+/// (`user:42:*`; `*` alone is every type). `*` cannot occur in a type ([`validate_type`]),
+/// so the two never mix up.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct TypeFilter(Option<Box<[Box<str>]>>);
 
 impl TypeFilter {
-    /// A filter passing only `types`; an empty list passes everything.
-    pub fn only(types: Vec<Box<str>>) -> Self {
-        Self((!types.is_empty()).then(|| types.into_boxed_slice()))
+    /// A filter passing only what `patterns` match; an empty list, or one holding `*`,
+    /// passes everything.
+    pub fn only(patterns: Vec<Box<str>>) -> Self {
+        if patterns.iter().any(|p| &**p == "*") {
+            return Self(None);
+        }
+        Self((!patterns.is_empty()).then(|| patterns.into_boxed_slice()))
+    }
+
+    /// A filter passing nothing (a grant of no types).
+    pub fn nothing() -> Self {
+        Self(Some(Box::default()))
+    }
+
+    /// Whether it passes every type.
+    pub fn is_everything(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Whether it passes no type at all.
+    pub fn is_nothing(&self) -> bool {
+        self.0.as_ref().is_some_and(|p| p.is_empty())
     }
 
     /// Whether an event of this type passes.
     pub fn wants(&self, event_type: &str) -> bool {
         match &self.0 {
             None => true,
-            Some(types) => types.iter().any(|t| &**t == event_type),
+            Some(patterns) => patterns.iter().any(|p| pattern_matches(p, event_type)),
         }
+    }
+
+    /// Whether everything `pattern` can match passes this filter: an exact type that
+    /// passes, or a prefix pattern inside one of ours (`user:42:*` inside `user:*`).
+    pub fn covers(&self, pattern: &str) -> bool {
+        let Some(ours) = &self.0 else { return true };
+        match pattern.strip_suffix('*') {
+            None => self.wants(pattern),
+            Some(prefix) => ours
+                .iter()
+                .filter_map(|p| p.strip_suffix('*'))
+                .any(|ours| prefix.starts_with(ours)),
+        }
+    }
+
+    /// Whether every pattern of `other` is covered by this filter.
+    pub fn covers_all(&self, other: &TypeFilter) -> bool {
+        match &other.0 {
+            None => self.is_everything(),
+            Some(patterns) => patterns.iter().all(|p| self.covers(p)),
+        }
+    }
+}
+
+/// Whether `pattern` (exact, or a prefix ending in `*`) matches `event_type`.
+pub fn pattern_matches(pattern: &str, event_type: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => event_type.starts_with(prefix),
+        None => pattern == event_type,
+    }
+}
+
+/// Checks a pattern: a valid type, or the start of one followed by `*`.
+pub fn validate_pattern(pattern: &str) -> Result<(), InvalidEventType> {
+    match pattern.strip_suffix('*') {
+        Some("") => Ok(()),
+        Some(prefix) => validate_type(prefix),
+        None => validate_type(pattern),
     }
 }
 
@@ -258,6 +322,51 @@ pub fn envelope_json(event_type: &str, data: &RawValue, id: Option<EventId>, ts:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_match_exact_types_and_prefixes() {
+        let filter = TypeFilter::only(vec!["user:42:*".into(), "news".into()]);
+        for (event_type, wanted) in [
+            ("user:42:login", true),
+            ("user:42:", true),
+            ("user:421:login", false),
+            ("user:4", false),
+            ("news", true),
+            ("newsletter", false),
+            ("", false),
+        ] {
+            assert_eq!(filter.wants(event_type), wanted, "{event_type}");
+        }
+        assert!(TypeFilter::only(vec!["a".into(), "*".into()]).is_everything());
+        assert!(TypeFilter::only(Vec::new()).wants("anything"));
+        assert!(!TypeFilter::nothing().wants("anything") && TypeFilter::nothing().is_nothing());
+    }
+
+    #[test]
+    fn a_grant_covers_only_what_lies_inside_it() {
+        let grant = TypeFilter::only(vec!["user:42:*".into(), "news".into()]);
+        for (asked, covered) in [
+            ("news", true),
+            ("user:42:login", true),
+            ("user:42:*", true),
+            ("user:42:a*", true),
+            ("user:4*", false),
+            ("user:*", false),
+            ("*", false),
+            ("news*", false),
+            ("other", false),
+        ] {
+            assert_eq!(grant.covers(asked), covered, "{asked}");
+        }
+        assert!(TypeFilter::default().covers("*"));
+        assert!(!TypeFilter::nothing().covers("news"));
+        let everything = TypeFilter::default();
+        assert!(everything.covers_all(&TypeFilter::default()));
+        assert!(!grant.covers_all(&TypeFilter::default()));
+        assert!(grant.covers_all(&TypeFilter::only(vec!["news".into()])));
+        assert!(validate_pattern("*").is_ok() && validate_pattern("a:*").is_ok());
+        assert!(validate_pattern("a*b").is_err() && validate_pattern("**").is_err());
+    }
 
     #[test]
     fn ids_parse_display_and_order_like_redis_stream_ids() {

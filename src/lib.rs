@@ -20,6 +20,7 @@
 //! - `state`, `error`, `shutdown`, `telemetry`: plumbing.
 
 mod address;
+mod auth;
 mod broker;
 mod config;
 mod connections;
@@ -30,6 +31,7 @@ mod http;
 mod hub;
 mod metrics;
 mod publisher;
+mod rate;
 mod server;
 mod shutdown;
 mod sse;
@@ -64,6 +66,18 @@ pub enum StartError {
     /// The broker settings are unusable (for example a malformed Redis URL).
     #[error("cannot set up the broker: {0}")]
     Broker(#[source] BrokerError),
+    /// A token key cannot be used (the message names the flag, never the key).
+    #[error("cannot set up token checks: {0}")]
+    Auth(String),
+    /// The admin address (`--admin-listen`) cannot be used.
+    #[error("cannot listen on --admin-listen {addr}: {source}")]
+    AdminListener {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A built gateway: broker, hub and HTTP state, ready to serve on a listener.
@@ -100,6 +114,9 @@ impl Gateway {
             )
             .map_err(StartError::Broker)?,
         };
+        let auth = auth::Auth::from_config(&config)
+            .await
+            .map_err(StartError::Auth)?;
         let state = AppState::new(
             config,
             hub,
@@ -107,6 +124,7 @@ impl Gateway {
             metrics,
             replica_id,
             CancellationToken::new(),
+            auth,
         );
         Ok(Self { state })
     }
@@ -163,6 +181,22 @@ impl Gateway {
         );
         if let Some(warning) = state.config.file_limit_warning() {
             tracing::warn!(%warning, "connection caps exceed the open-file limit");
+        }
+        if let Some(addr) = state.config.admin_listen {
+            let admin = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::AdminListener { addr, source })?;
+            tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+            let router = http::admin_router(state.clone());
+            let shutdown = state.shutdown.clone();
+            tracker.spawn(async move {
+                let served = axum::serve(admin, router)
+                    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                    .await;
+                if let Err(error) = served {
+                    tracing::warn!(%error, "the admin listener failed");
+                }
+            });
         }
         let router = http::router(state.clone());
         server::accept_loop(listener, state.clone(), router, tracker.clone()).await;

@@ -123,7 +123,7 @@ async fn stats(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn healthcheck(config: &Config) -> anyhow::Result<()> {
-    let (status, _) = http_get(config.listen, "/healthz").await?;
+    let (status, _) = http_get(config.admin_listen.unwrap_or(config.listen), "/healthz").await?;
     if status != 200 {
         bail!("/healthz answered {status}");
     }

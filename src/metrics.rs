@@ -46,6 +46,11 @@ pub struct Metrics {
     /// Connections turned away because `--max-other-connections` and its reserve were
     /// taken.
     pub connections_refused: Counter,
+    /// Streams, publishes and stats requests refused for a missing, bad or insufficient
+    /// token (`401`/`403`).
+    pub auth_refusals: Counter,
+    /// Publishes refused by `--publish-rate`.
+    pub rate_limited: Counter,
     events_by_type_metric: Family<Vec<(String, String)>, Counter>,
     events_by_type: Mutex<BTreeMap<Box<str>, u64>>,
 }
@@ -70,6 +75,8 @@ impl Metrics {
         let bad_messages = Counter::default();
         let other_connections = Gauge::default();
         let connections_refused = Counter::default();
+        let auth_refusals = Counter::default();
+        let rate_limited = Counter::default();
         let events_by_type_metric = Family::default();
         registry.register(
             "eventfabric_clients_connected",
@@ -126,6 +133,16 @@ impl Metrics {
             "Connections turned away because the cap on non-stream connections was reached",
             connections_refused.clone(),
         );
+        registry.register(
+            "eventfabric_auth_refusals",
+            "Requests refused for a missing, invalid or insufficient token",
+            auth_refusals.clone(),
+        );
+        registry.register(
+            "eventfabric_publishes_rate_limited",
+            "Publishes refused by --publish-rate",
+            rate_limited.clone(),
+        );
         Self {
             registry,
             clients_connected,
@@ -138,6 +155,8 @@ impl Metrics {
             bad_messages,
             other_connections,
             connections_refused,
+            auth_refusals,
+            rate_limited,
             events_by_type_metric,
             events_by_type: Mutex::new(BTreeMap::new()),
         }
@@ -208,6 +227,8 @@ mod tests {
             "eventfabric_publish_errors_total",
             "eventfabric_other_connections",
             "eventfabric_connections_refused_total",
+            "eventfabric_auth_refusals_total",
+            "eventfabric_publishes_rate_limited_total",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -314,6 +314,8 @@ fn classify(head: &[u8]) -> Option<Classified> {
     let mut params = StreamParams::parse(query, header("last-event-id"));
     params.origin = header("origin").map(Box::from);
     params.forwarded_for = header("x-forwarded-for").map(Box::from);
+    params.credentials.authorization = header("authorization").map(Box::from);
+    params.credentials.cookie = header("cookie").map(Box::from);
     Some(Classified::Stream { head_len, params })
 }
 

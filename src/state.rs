@@ -56,6 +56,10 @@ pub(crate) struct SharedState {
     pub per_address: Arc<crate::address::PerAddress>,
     /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxies`).
     pub trusted_proxies: crate::address::TrustedProxies,
+    /// Who may subscribe, publish and read the stats.
+    pub auth: crate::auth::Auth,
+    /// `--publish-rate`, when set.
+    pub publish_rate: Option<crate::rate::PublishRate>,
 }
 
 impl AppState {
@@ -67,6 +71,7 @@ impl AppState {
         metrics: Arc<Metrics>,
         replica_id: Arc<str>,
         shutdown: CancellationToken,
+        auth: crate::auth::Auth,
     ) -> Self {
         // Validated when the flag was read; an unreadable value allows no origin.
         let cors = crate::cors::CorsPolicy::parse(config.cors_origins.as_deref())
@@ -77,6 +82,8 @@ impl AppState {
             crate::address::TrustedProxies::parse(config.trusted_proxies.as_deref())
                 .unwrap_or_default();
         let inner = SharedState {
+            auth,
+            publish_rate: crate::rate::PublishRate::new(config.publish_rate),
             per_address,
             trusted_proxies,
             replica_id,

@@ -22,13 +22,17 @@ use crate::state::AppState;
 /// The application's routes and layers.
 pub(crate) fn router(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_event_bytes).unwrap_or(usize::MAX);
-    Router::new()
+    let api = Router::new()
         .route(STREAM_PATH, get(crate::stream::stream_events))
         .route("/api/events", post(publish::publish_event))
-        .route("/api/events/stats", get(stats::get_stats))
-        .route("/healthz", get(health::get_healthz))
-        .route("/readyz", get(health::get_readyz))
-        .route("/metrics", get(health::get_metrics))
+        .route("/api/events/stats", get(stats::get_stats));
+    // With an admin address, probes and scrapes are served there only.
+    let routes = if state.config.admin_listen.is_some() {
+        api
+    } else {
+        api.merge(probe_routes())
+    };
+    routes
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), cors))
         .layer(axum::middleware::from_fn(refuse_long_uri))
@@ -36,6 +40,21 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::new())
         .with_state(state)
+}
+
+/// The routes of `--admin-listen`: health, readiness and metrics, nothing else.
+pub(crate) fn admin_router(state: AppState) -> Router {
+    probe_routes()
+        .fallback(not_found)
+        .layer(CatchPanicLayer::new())
+        .with_state(state)
+}
+
+fn probe_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(health::get_healthz))
+        .route("/readyz", get(health::get_readyz))
+        .route("/metrics", get(health::get_metrics))
 }
 
 async fn not_found() -> ApiError {

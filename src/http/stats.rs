@@ -4,9 +4,12 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::{HeaderMap, Uri};
 use serde::Serialize;
 
+use crate::auth::Credentials;
 use crate::broker::ClusterStats;
+use crate::error::ApiError;
 use crate::state::AppState;
 use crate::telemetry::RateLimit;
 
@@ -24,7 +27,20 @@ pub(crate) struct StatsReport {
 }
 
 /// Client and event counts for the whole cluster (or this replica, without Redis).
-pub(crate) async fn get_stats(State(state): State<AppState>) -> Json<StatsReport> {
+pub(crate) async fn get_stats(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Json<StatsReport>, ApiError> {
+    let credentials = Credentials::from_headers(&headers, uri.query());
+    state
+        .auth
+        .stats_reader(&credentials)
+        .await
+        .map_err(|denied| {
+            state.metrics.auth_refusals.inc();
+            ApiError::Denied(denied)
+        })?;
     let (cluster, degraded) = match state.broker.cluster_stats().await {
         Ok(cluster) => (cluster, false),
         Err(error) => {
@@ -40,11 +56,11 @@ pub(crate) async fn get_stats(State(state): State<AppState>) -> Json<StatsReport
             (state.broker.local_stats(), true)
         }
     };
-    Json(StatsReport {
+    Ok(Json(StatsReport {
         cluster,
         replica_id: state.replica_id.to_string(),
         uptime_secs: state.started.elapsed().as_secs(),
         broker: state.broker.kind(),
         degraded,
-    })
+    }))
 }

@@ -36,6 +36,8 @@ pub enum End {
     BrokerUnavailable,
     /// The client closed its connection or a write failed.
     ClientGone,
+    /// The client's token expired; it should come back with a fresh one.
+    Expired,
 }
 
 /// What offering frames to a client did.

@@ -14,10 +14,13 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use std::net::IpAddr;
+use std::time::SystemTime;
 
+use super::StreamParams;
 use crate::address::{self, AddressSlot};
+use crate::auth::Denied;
 use crate::cors::{CorsPolicy, Headers, Route};
-use crate::error::{error_body, raw_error_response};
+use crate::error::{error_body, raw_error_response_with};
 use crate::hub::End;
 use crate::sse;
 use crate::state::AppState;
@@ -30,8 +33,8 @@ pub(crate) const HEADERS: [(&str, &str); 3] = [
     ("x-accel-buffering", "no"),
 ];
 
-/// Longest `retry:` hint sent when the broker could not be read, so clients come back
-/// soon rather than after the full reconnect delay.
+/// Longest `retry:` hint sent when the broker could not be read or the client's token
+/// expired, so clients come back soon rather than after the full reconnect delay.
 const BROKER_RETRY_CAP_MS: u64 = 1000;
 
 /// Why a stream request is turned away.
@@ -41,85 +44,120 @@ pub(crate) enum Refusal {
     Unavailable,
     /// The client's address already has `--max-clients-per-ip` streams open.
     TooManyFromAddress,
+    /// No token where one is needed, a bad one (`401`), or one that does not grant the
+    /// types asked for (`403`).
+    Denied(Denied),
 }
 
 impl Refusal {
-    fn status(self) -> StatusCode {
+    fn status_code_message(self) -> (StatusCode, &'static str, &'static str) {
         match self {
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::TooManyFromAddress => StatusCode::TOO_MANY_REQUESTS,
-        }
-    }
-
-    fn code_and_message(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Unavailable => ("unavailable", "this replica cannot take more streams now"),
+            Self::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "this replica cannot take more streams now",
+            ),
             Self::TooManyFromAddress => (
+                StatusCode::TOO_MANY_REQUESTS,
                 "too_many_streams",
                 "this address has as many streams open as it may",
             ),
+            Self::Denied(denied) => denied.status_code_message(),
         }
     }
 
-    fn body(self) -> String {
-        let (code, message) = self.code_and_message();
-        error_body(code, message)
-    }
-
-    /// Seconds the client should wait before trying again.
-    fn retry_after(self) -> Option<u32> {
+    /// Headers on top of the JSON error: when to come back, or how to authenticate.
+    fn headers(self) -> Vec<(&'static str, String)> {
         match self {
-            Self::Unavailable => Some(1),
-            Self::TooManyFromAddress => Some(5),
+            Self::Unavailable => vec![("retry-after", "1".to_owned())],
+            Self::TooManyFromAddress => vec![("retry-after", "5".to_owned())],
+            Self::Denied(denied) => denied
+                .www_authenticate()
+                .map(|challenge| ("www-authenticate", challenge.to_owned()))
+                .into_iter()
+                .collect(),
         }
     }
 
     /// The refusal as a complete HTTP/1.1 response that closes the connection.
     pub fn to_raw(self) -> Bytes {
-        let (code, message) = self.code_and_message();
-        raw_error_response(self.status(), code, message, self.retry_after())
+        let (status, code, message) = self.status_code_message();
+        raw_error_response_with(status, code, message, &self.headers())
     }
 }
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
+        let (status, code, message) = self.status_code_message();
         let mut response = (
-            self.status(),
+            status,
             [(
                 axum::http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
-            self.body(),
+            error_body(code, message),
         )
             .into_response();
-        if let Some(seconds) = self.retry_after() {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        for (name, value) in self.headers() {
+            if let Ok(value) = HeaderValue::try_from(value) {
+                response
+                    .headers_mut()
+                    .insert(HeaderName::from_static(name), value);
+            }
         }
         response
     }
 }
 
-/// Decides whether a new stream from `peer` (a proxy's `forwarded_for` counting when
-/// the proxy is trusted) may open now; the slot it returns holds the stream's place under
-/// `--max-clients-per-ip` for as long as it lives.
-pub(crate) fn admit(
+/// What an admitted stream holds: its place under `--max-clients-per-ip` for as long as
+/// it lives, and when its grant ends.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    /// The place under `--max-clients-per-ip`.
+    pub address: Option<AddressSlot>,
+    /// When the stream must end (its token's expiry).
+    pub expires: Option<SystemTime>,
+}
+
+/// Decides whether a new stream from `peer` may open now: capacity, then its token and
+/// the types it asks for (`params.types` becomes what it will be served), then the
+/// streams its address holds (a proxy's `X-Forwarded-For` counting when the proxy is
+/// trusted). Credentials and the forwarded address are taken out of `params` and dropped
+/// here, so a stream does not keep them.
+pub(crate) async fn admit(
     state: &AppState,
     peer: Option<IpAddr>,
-    forwarded_for: Option<&[u8]>,
-) -> Result<Option<AddressSlot>, Refusal> {
+    params: &mut StreamParams,
+) -> Result<Admitted, Refusal> {
     if state.is_draining() || state.hub.client_count() >= state.max_clients {
         return Err(Refusal::Unavailable);
     }
-    let Some(peer) = peer else {
-        return Ok(None);
+    let credentials = std::mem::take(&mut params.credentials);
+    let forwarded_for = params.forwarded_for.take();
+    let grant = state
+        .auth
+        .subscriber(&credentials, &params.types)
+        .await
+        .map_err(|denied| {
+            state.metrics.auth_refusals.inc();
+            Refusal::Denied(denied)
+        })?;
+    params.types = grant.types;
+    let address = match peer {
+        None => None,
+        Some(peer) => {
+            let client =
+                address::client_address(peer, forwarded_for.as_deref(), &state.trusted_proxies);
+            state
+                .per_address
+                .take(client)
+                .map_err(|()| Refusal::TooManyFromAddress)?
+        }
     };
-    let client = address::client_address(peer, forwarded_for, &state.trusted_proxies);
-    state
-        .per_address
-        .take(client)
-        .map_err(|()| Refusal::TooManyFromAddress)
+    Ok(Admitted {
+        address,
+        expires: grant.expires,
+    })
 }
 
 /// The first bytes of every stream body: the reconnect delay.
@@ -185,7 +223,10 @@ pub(crate) fn header_map(
 pub(crate) fn farewell(end: End, retry_ms: u64) -> Option<Bytes> {
     match end {
         End::Shutdown => Some(sse::retry(spread_retry(retry_ms))),
-        End::BrokerUnavailable => Some(sse::retry(retry_ms.min(BROKER_RETRY_CAP_MS))),
+        // Both come back at once: to a working Redis, or with a fresh token.
+        End::BrokerUnavailable | End::Expired => {
+            Some(sse::retry(retry_ms.min(BROKER_RETRY_CAP_MS)))
+        }
         End::Slow | End::ClientGone => None,
     }
 }
@@ -237,6 +278,7 @@ mod tests {
             farewell(End::BrokerUnavailable, 300).unwrap(),
             "retry: 300\n\n"
         );
+        assert_eq!(farewell(End::Expired, 5000).unwrap(), "retry: 1000\n\n");
         assert!(farewell(End::Shutdown, 5000).is_some());
         assert!(farewell(End::Slow, 5000).is_none());
         assert!(farewell(End::ClientGone, 5000).is_none());

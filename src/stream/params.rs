@@ -1,5 +1,6 @@
 //! What a stream request asks for: a type filter and where to resume.
 
+use crate::auth::Credentials;
 use crate::event::{EventId, TypeFilter};
 use crate::telemetry::{RateLimit, truncate_for_log};
 
@@ -19,10 +20,13 @@ pub(crate) struct StreamParams {
     /// The `X-Forwarded-For` header, for `--max-clients-per-ip` behind a trusted proxy;
     /// dropped once the stream is admitted.
     pub forwarded_for: Option<Box<[u8]>>,
+    /// Where the client's token may be; dropped once the stream is admitted.
+    pub credentials: Credentials,
 }
 
 impl StreamParams {
-    /// Reads `?types=a,b` and `?lastEventId=` from the query and the `Last-Event-ID`
+    /// Reads `?types=a,b` (types, or prefixes ending in `*`), `?access_token=` and
+    /// `?lastEventId=` from the query and the `Last-Event-ID`
     /// header, which wins when both are present (browsers send the header on reconnect,
     /// with a fresher id than the one in the URL). Invalid ids are ignored, and logged at
     /// debug level, cut short and at most once a second: the client's mistake, which it
@@ -43,6 +47,7 @@ impl StreamParams {
                     params.types = TypeFilter::only(types);
                 }
                 "lastEventId" => query_id = Some(value.into_owned()),
+                "access_token" => params.credentials.query = Some(value.into()),
                 _ => {}
             }
         }

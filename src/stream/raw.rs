@@ -32,15 +32,15 @@ const FAREWELL_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(2
 pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: AppState) {
     let peer = stream.peer_addr().ok().map(|addr| addr.ip());
     let mut params = params;
-    let forwarded_for = params.forwarded_for.take();
-    let address = match contract::admit(&state, peer, forwarded_for.as_deref()) {
-        Ok(address) => address,
+    // Boxed: checking a token may fetch a key set, a large future this task would
+    // otherwise carry for the stream's whole life.
+    let admitted = match Box::pin(contract::admit(&state, peer, &mut params)).await {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             refuse(stream, refusal).await;
             return;
         }
     };
-    drop(forwarded_for);
     let preamble = contract::raw_preamble_for(&state, params.origin.take().as_deref());
     let socket = Arc::new(stream);
     let mut session = Session::open(
@@ -48,7 +48,7 @@ pub(crate) async fn serve_raw(stream: TcpStream, params: StreamParams, state: Ap
         params,
         Some(Arc::clone(&socket)),
         CancellationToken::new(),
-        address,
+        admitted,
     );
     let mut batch = vec![preamble];
     let mut events = 0;
@@ -172,7 +172,16 @@ mod size_tests {
             "{}",
             std::mem::size_of_val(&serving)
         );
-        let mut session = Session::open(&state, Default::default(), None, Default::default(), None);
+        let mut session = Session::open(
+            &state,
+            Default::default(),
+            None,
+            Default::default(),
+            crate::stream::contract::Admitted {
+                address: None,
+                expires: Some(std::time::SystemTime::now() + std::time::Duration::from_secs(60)),
+            },
+        );
         let mut out = Vec::new();
         let waiting = session.next_batch(&mut out);
         assert!(

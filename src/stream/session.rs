@@ -6,14 +6,19 @@
 //! is sent, so the seam has neither a gap nor a duplicate. Once the replay and the queue
 //! are done, the hub writes new events to the socket itself (see `hub/client.rs`).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::StreamParams;
+use super::contract::Admitted;
 use crate::address::AddressSlot;
+use crate::auth::LEEWAY;
 use crate::broker::REPLAY_PAGE;
 use crate::event::EventId;
 use crate::hub::{Attachment, Client, End};
@@ -32,17 +37,21 @@ pub struct Session {
     replay_after: Option<EventId>,
     /// The stream's place under `--max-clients-per-ip`, given back when the session ends.
     _address: Option<AddressSlot>,
+    /// Fires when the client's token expires. Boxed, and only for clients with a token:
+    /// a timer is larger than the rest of a session.
+    expiry: Option<Pin<Box<Sleep>>>,
 }
 
 impl Session {
     /// Registers the client with the hub. With a `socket`, the hub writes caught-up events
-    /// to it directly; `kill` is cancelled if the client is dropped for being slow.
+    /// to it directly; `kill` is cancelled if the client is dropped for being slow. The
+    /// stream ends when `admitted` expires.
     pub fn open(
         state: &AppState,
         params: StreamParams,
         socket: Option<Arc<TcpStream>>,
         kill: CancellationToken,
-        address: Option<AddressSlot>,
+        admitted: Admitted,
     ) -> Self {
         let resume_after = params.last_event_id;
         let client = Client::new(socket, params.types, resume_after, kill);
@@ -55,7 +64,10 @@ impl Session {
             state: state.clone(),
             resume_after,
             replay_after: resume_after,
-            _address: address,
+            _address: admitted.address,
+            expiry: admitted
+                .expires
+                .map(|at| Box::pin(tokio::time::sleep_until(deadline(at)))),
         }
     }
 
@@ -79,6 +91,9 @@ impl Session {
     /// Returns how many of them are events, as opposed to heartbeats or notices.
     pub async fn next_batch(&mut self, out: &mut Vec<Bytes>) -> Result<u64, End> {
         loop {
+            if self.expiry.as_ref().is_some_and(|sleep| sleep.is_elapsed()) {
+                return Err(self.expire());
+            }
             if let Some(after) = self.replay_after {
                 if let Some(end) = self.client().end() {
                     return Err(end);
@@ -96,9 +111,17 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = self.state.shutdown.cancelled() => return Err(End::Shutdown),
+                () = expired(&mut self.expiry) => return Err(self.expire()),
                 _ = self.attachment.client().woken() => {}
             }
         }
+    }
+
+    /// Ends the stream because its token expired: the hub stops writing to it first, so
+    /// the farewell is the last thing on the wire.
+    fn expire(&self) -> End {
+        self.client().close(End::Expired);
+        self.client().end().unwrap_or(End::Expired)
     }
 
     /// Reads one page of history after `after` into `out`.
@@ -138,4 +161,24 @@ impl Session {
         self.replay_after = page.next;
         Ok(events)
     }
+}
+
+/// Resolves when `expiry` fires; never without one.
+async fn expired(expiry: &mut Option<Pin<Box<Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When a stream whose token expires at `at` ends: then, or, for a token accepted within
+/// the clock-skew allowance after its expiry, at the end of that allowance (ending it at
+/// once would only bring the same token back at once).
+fn deadline(at: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    let left = match at.duration_since(now) {
+        Ok(left) => left,
+        Err(past) => LEEWAY.saturating_sub(past.duration()),
+    };
+    Instant::now() + left.max(Duration::from_millis(1))
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::contract;
 use super::{Session, StreamParams};
+use crate::auth::Credentials;
 use crate::connections::Slot;
 use crate::server::PeerAddr;
 use crate::state::AppState;
@@ -47,18 +48,19 @@ pub(crate) async fn stream_events(
     peer: Option<axum::Extension<PeerAddr>>,
 ) -> Response {
     let peer = peer.and_then(|axum::Extension(PeerAddr(ip))| ip);
-    let forwarded_for = headers.get("x-forwarded-for").map(HeaderValue::as_bytes);
-    let address = match contract::admit(&state, peer, forwarded_for) {
-        Ok(address) => address,
+    let last_event_id = headers.get("last-event-id").map(HeaderValue::as_bytes);
+    let mut params = StreamParams::parse(uri.query(), last_event_id);
+    params.forwarded_for = headers.get("x-forwarded-for").map(|v| v.as_bytes().into());
+    params.credentials = Credentials::from_headers(&headers, uri.query());
+    let admitted = match contract::admit(&state, peer, &mut params).await {
+        Ok(admitted) => admitted,
         Err(refusal) => return refusal.into_response(),
     };
-    let last_event_id = headers.get("last-event-id").map(HeaderValue::as_bytes);
-    let params = StreamParams::parse(uri.query(), last_event_id);
     let cors: Vec<_> =
         contract::header_map(&state, headers.get("origin").map(HeaderValue::as_bytes)).collect();
     drop((uri, headers));
     let kill = kill.map(|k| k.0.0.clone()).unwrap_or_default();
-    let session = Session::open(&state, params, None, kill, address);
+    let session = Session::open(&state, params, None, kill, admitted);
     if let Some(axum::Extension(slot)) = slot {
         slot.release();
     }

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::sse::metric_value;
+use crate::harness::wire::{closed_within, once, read_answer};
 use crate::harness::{GatewayBuilder, GatewayProc, eventually};
 
 /// Longest wait for anything that should happen at once.
@@ -21,111 +22,6 @@ const T: Duration = Duration::from_secs(5);
 
 /// The request timeout the deadline tests run with.
 const TIMEOUT_SECS: u64 = 2;
-
-/// An HTTP response read off a socket.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
-            panic!(
-                "not a JSON body ({}): {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    /// Asserts the project's error answer: `status`, a JSON content type and
-    /// `{"error": code, "message": <text>}`.
-    fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(self.header("content-type"), Some("application/json"));
-        let json = self.json();
-        assert_eq!(json["error"], code, "{json}");
-        assert!(json["message"].as_str().is_some_and(|m| !m.is_empty()));
-    }
-}
-
-/// Reads one response (head, then a `content-length` body) within `within`; `None` if the
-/// connection ends or resets first.
-async fn read_answer(tcp: &mut TcpStream, within: Duration) -> Option<Answer> {
-    let reading = async {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                let mut lines = head.split("\r\n");
-                let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-                let headers: Vec<(String, String)> = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                    .collect();
-                let length: usize = headers
-                    .iter()
-                    .find(|(n, _)| n == "content-length")
-                    .and_then(|(_, v)| v.parse().ok())
-                    .unwrap_or(0);
-                while buf.len() < end + 4 + length {
-                    match tcp.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return None,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let body = buf[end + 4..end + 4 + length].to_vec();
-                return Some(Answer {
-                    status,
-                    headers,
-                    body,
-                });
-            }
-            match tcp.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(within, reading).await.ok().flatten()
-}
-
-/// Waits until the server closes the connection (end of file or reset), discarding what
-/// it sends; returns how long that took, or `None` if it is still open after `within`.
-async fn closed_within(tcp: &mut TcpStream, within: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let waiting = async {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = tcp.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(within, waiting)
-        .await
-        .ok()
-        .map(|()| start.elapsed())
-}
-
-/// One request on a new connection that asks to be closed afterwards, so it never stays
-/// as an idle keep-alive connection holding a place.
-async fn once(addr: SocketAddr, request: &str) -> Option<Answer> {
-    let mut tcp = TcpStream::connect(addr).await.ok()?;
-    tcp.write_all(request.as_bytes()).await.ok()?;
-    read_answer(&mut tcp, T).await
-}
 
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")

@@ -5,7 +5,9 @@ pub mod gateway;
 pub mod nginx;
 pub mod redis;
 pub mod sse;
+pub mod tokens;
 pub mod tools;
+pub mod wire;
 
 use std::future::Future;
 use std::net::TcpListener;

@@ -116,6 +116,20 @@ pub fn python_with_redis() -> Result<PathBuf, String> {
         })
 }
 
+/// A Python interpreter with PyJWT and cryptography (the same venv as [`python_with_redis`]):
+/// tokens in the access-control tests are minted by it, not by the gateway's own code.
+pub fn python_with_jwt() -> Result<PathBuf, String> {
+    let python = python_with_redis()?;
+    if runs(Command::new(&python).args(["-c", "import jwt, cryptography"])) {
+        Ok(python)
+    } else {
+        Err(format!(
+            "{} cannot `import jwt, cryptography` (.ci/install-test-deps installs PyJWT)",
+            python.display()
+        ))
+    }
+}
+
 /// `$XDG_CACHE_HOME`, else `$HOME/.cache`: where `.ci/install-test-deps` installs.
 fn cache_dir() -> Option<PathBuf> {
     let non_empty = |name| std::env::var_os(name).filter(|v| !v.is_empty());
