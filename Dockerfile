@@ -60,8 +60,8 @@ EXPOSE 5000
 # least that plus a margin (`docker stop -t 15`, compose `stop_grace_period: 15s`).
 STOPSIGNAL SIGTERM
 
-# `eventfabric healthcheck` exits 0 when /healthz on EVENTFABRIC_LISTEN answers 200: no
-# curl or shell needed in the image.
+# `eventfabric healthcheck` exits 0 when /healthz answers 200 on EVENTFABRIC_ADMIN_LISTEN
+# when set, else on EVENTFABRIC_LISTEN: no curl or shell needed in the image.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --start-interval=1s --retries=3 \
     CMD ["/usr/local/bin/eventfabric", "healthcheck"]
 

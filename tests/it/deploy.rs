@@ -298,27 +298,51 @@ fn every_container_port_is_the_listen_port() {
     assert_eq!(exposed, port.to_string(), "Dockerfile EXPOSE");
 
     let deployment = read("k8s/deployment.yaml");
-    let container_port = only_value(&deployment, "containerPort", "k8s/deployment.yaml");
-    assert_eq!(container_port, port.to_string(), "deployment containerPort");
+    let admin = listen_addr(
+        lookup(&config, "EVENTFABRIC_ADMIN_LISTEN"),
+        "k8s/configmap.yaml",
+    );
+    assert!(
+        admin.ip().is_unspecified(),
+        "the kubelet must reach {admin}"
+    );
+    assert_ne!(admin.port(), port, "the admin port is a port of its own");
+    let container_ports = values(&deployment, "containerPort");
+    assert_eq!(
+        container_ports,
+        [port.to_string(), admin.port().to_string()],
+        "deployment containerPorts: http, then admin"
+    );
     let scrape_port = only_value(&deployment, "prometheus.io/port", "k8s/deployment.yaml");
     assert_eq!(
         scrape_port,
-        port.to_string(),
-        "prometheus.io/port annotation"
+        admin.port().to_string(),
+        "prometheus.io/port annotation: /metrics is on the admin address"
     );
-    // Probes and the Service name the container port `http`.
     let port_names = values(&deployment, "name");
-    assert!(
-        port_names.iter().any(|n| n == "http"),
-        "no container port named http"
-    );
+    for name in ["http", "admin"] {
+        assert!(
+            port_names.iter().any(|n| n == name),
+            "no container port named {name}"
+        );
+    }
+    // Probes ask the admin port: the public one no longer serves them.
     for name in ["startupProbe", "readinessProbe", "livenessProbe"] {
         let (_, probe_port) = probe(&deployment, name).unwrap_or_else(|| panic!("no {name}"));
         assert!(
-            probe_port == "http" || probe_port == port.to_string(),
+            probe_port == "admin" || probe_port == admin.port().to_string(),
             "{name} port {probe_port}"
         );
     }
+    let compose_admin = listen_addr(
+        lookup(&compose_env, "EVENTFABRIC_ADMIN_LISTEN"),
+        "docker-compose.yml",
+    );
+    assert!(
+        compose_admin.ip().is_unspecified(),
+        "compose admin {compose_admin}"
+    );
+    // The Service (and so the Ingress) exposes the public port alone.
     let service = read("k8s/service.yaml");
     assert_eq!(
         only_value(&service, "targetPort", "k8s/service.yaml"),
@@ -511,11 +535,28 @@ async fn settings_serve_the_probes(
     let mut builder = GatewayBuilder::new()
         .redis_url(redis.url())
         .namespace(&unique_namespace("deploy"));
+    // The admin address moves to a free loopback port the same way.
+    let admin = settings
+        .iter()
+        .any(|(key, _)| key == "EVENTFABRIC_ADMIN_LISTEN")
+        .then(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
     for (key, value) in settings {
-        builder = builder.env(key, value);
+        match (key.as_str(), admin) {
+            ("EVENTFABRIC_ADMIN_LISTEN", Some(admin)) => {
+                builder = builder.env(key, admin.to_string())
+            }
+            _ => builder = builder.env(key, value),
+        }
     }
     let gateway = builder.spawn();
-    let api = gateway.api();
+    let api = match admin {
+        Some(admin) => {
+            // Moved off the public port.
+            assert_eq!(gateway.api().get("/healthz").await.0, 404, "{source}");
+            crate::harness::Api::new(&format!("http://{admin}"))
+        }
+        None => gateway.api(),
+    };
     for (probe, path) in probes {
         let what = format!("{source}: {probe} {path} answers 200");
         eventually(&what, Duration::from_secs(15), || async {
@@ -532,12 +573,15 @@ async fn settings_serve_the_probes(
         "HEALTHCHECK runs {argv:?}"
     );
     let healthcheck = |listen: String| {
-        Command::new(env!("CARGO_BIN_EXE_eventfabric"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_eventfabric"));
+        command
             .args(&argv[1..])
             .env_clear()
-            .env("EVENTFABRIC_LISTEN", listen)
-            .output()
-            .expect("run the healthcheck command")
+            .env("EVENTFABRIC_LISTEN", listen);
+        if let Some(admin) = admin {
+            command.env("EVENTFABRIC_ADMIN_LISTEN", admin.to_string());
+        }
+        command.output().expect("run the healthcheck command")
     };
     let ok = tokio::task::block_in_place(|| healthcheck(gateway.addr().to_string()));
     assert!(
@@ -545,8 +589,10 @@ async fn settings_serve_the_probes(
         "{source}: HEALTHCHECK {argv:?} failed against a serving gateway: {}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let down = tokio::task::block_in_place(|| healthcheck(closed.to_string()));
+    drop(gateway);
+    let down = tokio::task::block_in_place(|| {
+        healthcheck(SocketAddr::from(([127, 0, 0, 1], free_port())).to_string())
+    });
     assert!(
         !down.status.success(),
         "HEALTHCHECK passes with nothing listening"
@@ -580,7 +626,8 @@ async fn kubernetes_settings_start_a_gateway_that_serves_the_probes() {
 async fn compose_settings_start_a_gateway_that_serves_the_probes() {
     let mut settings = compose_environment();
     settings.push(("EVENTFABRIC_REPLICA_ID".into(), "gateway-1".into()));
-    // nginx's own healthcheck goes through the proxy to a gateway's /healthz.
+    // nginx's own healthcheck is answered by nginx (the gateways' probes are on their
+    // admin port, which nginx does not proxy).
     let compose = read("docker-compose.yml");
     let nginx_check = compose
         .lines()
@@ -588,7 +635,15 @@ async fn compose_settings_start_a_gateway_that_serves_the_probes() {
         .and_then(|l| l.split("http://127.0.0.1").nth(1))
         .and_then(|rest| rest.split('"').next())
         .expect("the nginx service has an HTTP healthcheck");
-    let probes = vec![("nginx healthcheck".to_owned(), nginx_check.to_owned())];
+    let nginx = read("deploy/nginx/nginx.conf");
+    assert!(
+        nginx.contains(&format!("location = {nginx_check} {{")),
+        "deploy/nginx/nginx.conf answers the compose healthcheck {nginx_check} itself"
+    );
+    let probes = vec![
+        ("image HEALTHCHECK".to_owned(), "/healthz".to_owned()),
+        ("readiness".to_owned(), "/readyz".to_owned()),
+    ];
     settings_serve_the_probes("docker-compose", &settings, &probes).await;
 }
 
