@@ -61,13 +61,6 @@ const RESERVE_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// How often an incomplete request head is looked at again: soon after bytes arrived,
-/// then less and less often while it stalls (a peek cannot wait for *more* bytes).
-const PEEK_INTERVAL: Duration = Duration::from_millis(5);
-
-/// Longest pause between looks at a stalled request head.
-const PEEK_INTERVAL_MAX: Duration = Duration::from_millis(100);
-
 /// How long a refusal written on the raw socket may take to write.
 const REFUSAL_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -166,10 +159,11 @@ fn uri_too_long() -> Bytes {
 
 /// What the first bytes of a connection say.
 enum Sniffed {
-    /// A stream request; `head` is as long as its request head and can take it.
-    Stream { head: Vec<u8>, params: StreamParams },
-    /// Anything else: hyper serves it. `probe` is set for a health or metrics request.
-    Http { probe: bool },
+    /// A stream request, its head read.
+    Stream { params: StreamParams },
+    /// Anything else: hyper serves it, starting with the bytes already `read`. `probe` is
+    /// set for a health or metrics request.
+    Http { probe: bool, read: Bytes },
     /// The head breaks a limit; the answer says which.
     Refused(Bytes),
     /// The client left or sent nothing in time.
@@ -179,7 +173,7 @@ enum Sniffed {
 /// Serves one connection. A stream moves to a task of its own, sized for the stream alone,
 /// so an idle client's memory is that task and nothing left over from the sniffing.
 async fn handle_connection(
-    mut socket: TcpStream,
+    socket: TcpStream,
     slot: Slot,
     state: AppState,
     router: Router,
@@ -191,15 +185,12 @@ async fn handle_connection(
         head_timeout = head_timeout.min(RESERVE_HEAD_TIMEOUT);
     }
     match sniff(&socket, head_timeout).await {
-        Sniffed::Stream { mut head, params } => {
-            if socket.read_exact(&mut head).await.is_ok() {
-                drop(head);
-                // From here on the connection is a stream, capped by `--max-clients`.
-                drop(slot);
-                tracker.spawn(serve_raw(socket, params, state));
-            }
+        Sniffed::Stream { params } => {
+            // From here on the connection is a stream, capped by `--max-clients`.
+            drop(slot);
+            tracker.spawn(serve_raw(socket, params, state));
         }
-        Sniffed::Http { probe } => {
+        Sniffed::Http { probe, read } => {
             // Room left by streams is for streams (and probes): anything else needs a
             // general place, so other connections stay within their own cap.
             let slot = if slot.is_stream_room() && !probe {
@@ -209,7 +200,7 @@ async fn handle_connection(
             };
             match slot {
                 Some(slot) if probe || !slot.is_reserve() => {
-                    Box::pin(serve_http(socket, slot, state, router)).await;
+                    Box::pin(serve_http(socket, read, slot, state, router)).await;
                 }
                 _ => {
                     state.metrics.connections_refused.inc();
@@ -230,53 +221,53 @@ async fn handle_connection(
     }
 }
 
-/// Peeks at the request head without consuming it, in a buffer that starts small (most
-/// heads fit in 1 KB) and doubles up to [`MAX_HEAD_BYTES`].
+/// Reads the request head, in a buffer that starts small (most heads fit in 1 KB) and
+/// doubles up to [`MAX_HEAD_BYTES`]. The task sleeps until the socket is readable, so a
+/// client that sends its head a byte at a time, or never, costs one wake-up per segment
+/// it sends and no CPU in between.
 async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; SNIFF_START];
-    let mut interval = PEEK_INTERVAL;
-    let mut seen = 0;
+    let mut filled = 0;
     loop {
-        let peeked = match tokio::time::timeout_at(deadline, socket.peek(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Sniffed::Gone,
-            Ok(Ok(n)) => n,
-        };
-        match classify(&buf[..peeked]) {
-            Some(Classified::Stream { head_len, params }) => {
-                buf.truncate(head_len);
-                return Sniffed::Stream { head: buf, params };
-            }
-            Some(Classified::Http { probe }) => return Sniffed::Http { probe },
-            Some(Classified::Refused(answer)) => return Sniffed::Refused(answer()),
-            None if peeked == buf.len() && buf.len() >= MAX_HEAD_BYTES => {
+        match tokio::time::timeout_at(deadline, socket.readable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Sniffed::Gone,
+        }
+        if filled == buf.len() {
+            if buf.len() >= MAX_HEAD_BYTES {
                 return Sniffed::Refused(head_too_large());
             }
-            None if peeked == buf.len() => buf.resize((buf.len() * 2).min(MAX_HEAD_BYTES), 0),
-            None => {
-                if tokio::time::Instant::now() >= deadline {
-                    return Sniffed::Gone;
-                }
-                interval = if peeked > seen {
-                    PEEK_INTERVAL
-                } else {
-                    (interval * 2).min(PEEK_INTERVAL_MAX)
+            buf.resize((buf.len() * 2).min(MAX_HEAD_BYTES), 0);
+        }
+        match socket.try_read(&mut buf[filled..]) {
+            Ok(0) => return Sniffed::Gone,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Sniffed::Gone,
+        }
+        match classify(&buf[..filled]) {
+            Some(Classified::Stream { params }) => return Sniffed::Stream { params },
+            Some(Classified::Http { probe }) => {
+                buf.truncate(filled);
+                return Sniffed::Http {
+                    probe,
+                    read: Bytes::from(buf),
                 };
-                seen = peeked;
-                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + interval))
-                    .await;
             }
+            Some(Classified::Refused(answer)) => return Sniffed::Refused(answer()),
+            None if filled == buf.len() && buf.len() >= MAX_HEAD_BYTES => {
+                return Sniffed::Refused(head_too_large());
+            }
+            None => {}
         }
     }
 }
 
 /// How a complete request head is served.
 enum Classified {
-    /// A stream request whose head is `head_len` bytes long.
-    Stream {
-        head_len: usize,
-        params: StreamParams,
-    },
+    /// A stream request, with its options.
+    Stream { params: StreamParams },
     /// Anything else; `probe` for a `GET` or `HEAD` of a health or metrics path.
     Http { probe: bool },
     /// A head that breaks a limit, with the answer it gets.
@@ -287,8 +278,8 @@ enum Classified {
 fn classify(head: &[u8]) -> Option<Classified> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let head_len = match request.parse(head) {
-        Ok(httparse::Status::Complete(len)) => len,
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return None,
         Err(httparse::Error::TooManyHeaders) => return Some(Classified::Refused(too_many_headers)),
         Err(_) => return Some(Classified::Http { probe: false }),
@@ -316,7 +307,7 @@ fn classify(head: &[u8]) -> Option<Classified> {
     params.forwarded_for = header("x-forwarded-for").map(Box::from);
     params.credentials.authorization = header("authorization").map(Box::from);
     params.credentials.cookie = header("cookie").map(Box::from);
-    Some(Classified::Stream { head_len, params })
+    Some(Classified::Stream { params })
 }
 
 /// Writes `answer` and closes the connection. What the client has already sent is read
@@ -360,11 +351,15 @@ pub(crate) struct PeerAddr(pub Option<std::net::IpAddr>);
 /// Serves a connection with hyper (HTTP/1.1, keep-alive) and the axum router. The
 /// connection keeps `slot` until it closes, unless a stream on it gives it back; a
 /// connection from the health reserve carries one request only.
-async fn serve_http(socket: TcpStream, slot: Slot, state: AppState, router: Router) {
+async fn serve_http(socket: TcpStream, read: Bytes, slot: Slot, state: AppState, router: Router) {
     let kill = ConnectionKill::default();
     let kicked = kill.clone();
     let keep_alive = slot.is_general();
     let peer = PeerAddr(socket.peer_addr().ok().map(|addr| addr.ip()));
+    let socket = Prefixed {
+        prefix: read,
+        socket,
+    };
     let service = router.map_request(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(kill.clone());
         request.extensions_mut().insert(peer);
@@ -390,6 +385,65 @@ async fn serve_http(socket: TcpStream, slot: Slot, state: AppState, router: Rout
                 log_connection_error(result);
             }
         }
+    }
+}
+
+/// A socket whose first bytes were already read (to classify the request): hyper reads
+/// `prefix` first, then the socket.
+struct Prefixed {
+    prefix: Bytes,
+    socket: TcpStream,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.socket).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.socket).poll_shutdown(cx)
     }
 }
 
@@ -427,8 +481,7 @@ mod tests {
         let head =
             b"GET /api/events/stream?types=a HTTP/1.1\r\nHost: x\r\nlast-event-id: 3-4\r\n\r\n";
         match classify(head) {
-            Some(Classified::Stream { head_len, params }) => {
-                assert_eq!(head_len, head.len());
+            Some(Classified::Stream { params }) => {
                 assert_eq!(params.last_event_id, Some(EventId::new(3, 4)));
                 assert!(params.types.wants("a") && !params.types.wants("b"));
             }
