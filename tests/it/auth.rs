@@ -754,3 +754,125 @@ async fn a_jwks_is_fetched_bound_to_its_issuer_and_refetched_once_for_a_rotation
     let (head, body) = &on_both_paths(addr, &stream_request("", &bearer(&token(0)))).await[0];
     assert_refused(head, body, 401, "unauthorized", true, "a rotated-out key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflights_and_streams_answer_listed_origins_only_on_both_paths() {
+    let Some(keys) = Keys::generate() else { return };
+    let gw = GatewayBuilder::new()
+        .env("EVENTFABRIC_JWT_SECRET", keys.secret.as_str())
+        .opt("--cors-origins", "https://app.test,http://localhost:3000")
+        .spawn();
+    let addr = gw.addr();
+    let preflight = |origin: &str, path: &str| {
+        format!(
+            "OPTIONS {path} HTTP/1.1\r\nhost: t\r\norigin: {origin}\r\n\
+             access-control-request-method: POST\r\n\
+             access-control-request-headers: authorization, content-type\r\n\
+             connection: close\r\n\r\n"
+        )
+    };
+    for path in ["/api/events", "/api/events/stream"] {
+        let allowed = crate::harness::wire::once(addr, &preflight("https://app.test", path))
+            .await
+            .expect("a preflight answer");
+        assert_eq!(allowed.status, 204, "{path}: {allowed:?}");
+        assert_eq!(
+            allowed.header("access-control-allow-origin"),
+            Some("https://app.test")
+        );
+        assert_eq!(
+            allowed.header("access-control-allow-credentials"),
+            Some("true")
+        );
+        let methods = allowed
+            .header("access-control-allow-methods")
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        assert!(
+            methods.contains("GET") && methods.contains("POST"),
+            "{methods}"
+        );
+        let headers = allowed
+            .header("access-control-allow-headers")
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(
+            headers.contains("authorization") && headers.contains("content-type"),
+            "{headers}"
+        );
+        let refused = crate::harness::wire::once(addr, &preflight("https://evil.test", path))
+            .await
+            .expect("an answer to a refused preflight");
+        assert!(
+            refused.header("access-control-allow-origin").is_none(),
+            "{path}: {refused:?}"
+        );
+    }
+    // The stream, with a token in the cookie, from a listed and an unlisted origin.
+    let token = keys.hs256(grants(&["*"], &[], false));
+    for (origin, listed) in [
+        ("http://localhost:3000", true),
+        ("https://evil.test", false),
+    ] {
+        let extra = format!("origin: {origin}\r\ncookie: eventfabric_token={token}\r\n");
+        for (head, body) in on_both_paths(addr, &stream_request("", &extra)).await {
+            assert_eq!(head.status, 200, "{body}");
+            assert_eq!(
+                head.header("access-control-allow-origin"),
+                listed.then_some(origin),
+                "{origin}"
+            );
+            assert_eq!(
+                head.header("access-control-allow-credentials"),
+                listed.then_some("true")
+            );
+            if listed {
+                assert!(head.header("vary").is_some_and(|v| v.contains("Origin")));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_rate_limits_each_subject_with_a_burst_of_twice_the_rate() {
+    let Some(keys) = Keys::generate() else { return };
+    let gw = GatewayBuilder::new()
+        .env("EVENTFABRIC_JWT_SECRET", keys.secret.as_str())
+        .opt("--publish-rate", 2)
+        .spawn();
+    let mut alice = grants(&[], &["*"], false);
+    alice["sub"] = "alice".into();
+    let mut bob = alice.clone();
+    bob["sub"] = "bob".into();
+    let (alice, bob) = (keys.hs256(alice), keys.hs256(bob));
+    let mut accepted = 0;
+    let mut limited = None;
+    for _ in 0..8 {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/events", gw.base_url()))
+            .bearer_auth(&alice)
+            .json(&json!({"type": "t", "data": 1}))
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            202 => accepted += 1,
+            429 => {
+                let retry: u64 = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .expect("Retry-After on a 429");
+                let body: Value = response.json().await.unwrap();
+                assert_eq!(body["error"], "rate_limited");
+                limited = Some(retry);
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // A burst of 4 (twice the rate); a little refill while the loop runs is allowed.
+    assert!((4..=5).contains(&accepted), "accepted {accepted}");
+    assert!(limited.is_some_and(|s| (1..=2).contains(&s)), "{limited:?}");
+    // Another subject has its own bucket.
+    assert_eq!(publish(&gw, Some(&bob), None, "t").await.0, 202);
+}
