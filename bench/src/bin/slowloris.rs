@@ -90,7 +90,9 @@ async fn main() -> anyhow::Result<()> {
          CPU {cpu_percent:.2} % of one core, RSS {} KiB",
         args.connections, after.rss_kb
     );
-    println!(
+    use std::io::Write as _;
+    writeln!(
+        std::io::stdout().lock(),
         "{}",
         serde_json::json!({
             "connections": args.connections,
@@ -102,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
             "server_cpu_percent": cpu_percent,
             "server_rss_kb": after.rss_kb,
         })
-    );
+    )?;
     Ok(())
 }
 
