@@ -298,7 +298,8 @@ pub struct Config {
     pub max_clients: u64,
 
     /// Most connections open at once that are not event streams: requests, idle
-    /// keep-alive connections and connections still sending their request head. Beyond it
+    /// keep-alive connections and (when the room streams have left is taken) connections
+    /// still sending their request head. Beyond it
     /// (and a reserve of 16 for `/healthz`, `/readyz` and `/metrics`) requests get `503`.
     #[arg(long, env = "EVENTFABRIC_MAX_OTHER_CONNECTIONS", default_value_t = DEFAULT_MAX_OTHER_CONNECTIONS,
           global = true, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -2,11 +2,12 @@
 //! together can never take the last file descriptors.
 //!
 //! Every accepted connection takes a [`Slot`] before anything is read from it: from the
-//! general cap (`--max-other-connections`) while there is room; else from the room streams
-//! have left (`--max-clients` minus the streams open), since a connection that has not
-//! sent its head yet is most often a stream to be (a reconnect storm brings thousands at
-//! once, and a browser's `EventSource` gives up for good on a `503`); else from a small
-//! reserve (see `server.rs`: a reserve connection may only ask for `/healthz`, `/readyz`
+//! room streams have left (`--max-clients` minus the streams open) while there is room,
+//! since a connection that has not sent its head yet is most often a stream to be (a
+//! reconnect storm brings thousands at once, and a browser's `EventSource` gives up for
+//! good on a `503`), and since heads that arrive slowly or never (slowloris) then wait in
+//! that room instead of taking the places requests need; else from the general cap
+//! (`--max-other-connections`); else from a small reserve (see `server.rs`: a reserve connection may only ask for `/healthz`, `/readyz`
 //! or `/metrics`, or open a stream). However the places are taken, streams and other
 //! connections together stay within `--max-clients` + `--max-other-connections` + the
 //! reserve. A connection that becomes an admitted stream gives its
@@ -52,14 +53,14 @@ impl ConnectionCaps {
         }
     }
 
-    /// A slot for a new connection: from the general cap, else from `stream_room` (the
-    /// streams `--max-clients` still allows), else from the reserve, else none (the
+    /// A slot for a new connection: from `stream_room` (the streams `--max-clients` still
+    /// allows), else from the general cap, else from the reserve, else none (the
     /// connection must be turned away).
     pub fn take(&self, stream_room: usize) -> Option<Slot> {
-        let cap = if self.other.try_take(self.other.max) {
-            &self.other
-        } else if self.stream_room.try_take(stream_room) {
+        let cap = if self.stream_room.try_take(stream_room) {
             &self.stream_room
+        } else if self.other.try_take(self.other.max) {
+            &self.other
         } else if self.reserve.try_take(self.reserve.max) {
             &self.reserve
         } else {
@@ -186,23 +187,30 @@ mod tests {
     }
 
     #[test]
-    fn connections_beyond_the_cap_use_the_room_streams_have_left_before_the_reserve() {
-        let caps = ConnectionCaps::new(1, 1, Gauge::default());
-        let general = caps.take(2).unwrap();
+    fn new_connections_wait_in_the_room_streams_have_left_then_the_cap_then_the_reserve() {
+        let gauge = Gauge::default();
+        let caps = ConnectionCaps::new(1, 1, gauge.clone());
         let roomy: Vec<_> = (0..2).map(|_| caps.take(2).unwrap()).collect();
         assert!(
             roomy
                 .iter()
                 .all(|slot| slot.is_stream_room() && !slot.is_reserve())
         );
-        assert!(general.is_general() && caps.take_other().is_none());
+        assert_eq!(
+            gauge.get(),
+            0,
+            "heads in the stream room leave the general cap free"
+        );
+        let general = caps.take(2).unwrap();
+        assert!(general.is_general(), "no stream room left");
+        assert!(caps.take_other().is_none());
         let reserve = caps.take(2).unwrap();
-        assert!(reserve.is_reserve(), "no stream room left");
+        assert!(reserve.is_reserve());
         assert!(caps.take(2).is_none());
         // Streams opened meanwhile shrink the room: a freed place is not reused past it.
         drop(roomy);
         assert!(caps.take(0).is_none(), "the streams took all their room");
-        assert!(!caps.take(1).unwrap().is_reserve());
+        assert!(caps.take(1).unwrap().is_stream_room());
         drop((general, reserve));
     }
 

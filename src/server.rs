@@ -1,5 +1,7 @@
-//! The accept loop. Every connection first takes a place under the cap on connections
-//! that are not streams (`connections.rs`); then its request head is read: a `GET` of the
+//! The accept loop. Every connection first takes a place (`connections.rs`: in the room
+//! streams have left, else under the cap on connections that are not streams); then its
+//! request head is read, on readiness, so a head that arrives slowly costs nothing while
+//! it waits: a `GET` of the
 //! event stream is served on the raw socket (see `stream/raw.rs`) and gives the place
 //! back, everything else is handed, untouched, to hyper and the axum router.
 //!
@@ -192,9 +194,15 @@ async fn handle_connection(
         }
         Sniffed::Http { probe, read } => {
             // Room left by streams is for streams (and probes): anything else needs a
-            // general place, so other connections stay within their own cap.
-            let slot = if slot.is_stream_room() && !probe {
-                state.connections.take_other()
+            // general place, so other connections stay within their own cap. A probe
+            // takes one too when there is one, to keep its connection alive; else it is
+            // served once from the room it has.
+            let slot = if slot.is_stream_room() {
+                match state.connections.take_other() {
+                    Some(general) => Some(general),
+                    None if probe => Some(slot),
+                    None => None,
+                }
             } else {
                 Some(slot)
             };
@@ -226,13 +234,18 @@ async fn handle_connection(
 /// client that sends its head a byte at a time, or never, costs one wake-up per segment
 /// it sends and no CPU in between.
 async fn sniff(socket: &TcpStream, timeout: Duration) -> Sniffed {
-    let deadline = tokio::time::Instant::now() + timeout;
+    // One timer for the whole head, not one per wake-up.
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
     let mut buf = vec![0u8; SNIFF_START];
     let mut filled = 0;
     loop {
-        match tokio::time::timeout_at(deadline, socket.readable()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return Sniffed::Gone,
+        tokio::select! {
+            biased;
+            readable = socket.readable() => if readable.is_err() {
+                return Sniffed::Gone;
+            },
+            () = &mut deadline => return Sniffed::Gone,
         }
         if filled == buf.len() {
             if buf.len() >= MAX_HEAD_BYTES {
