@@ -53,8 +53,13 @@ impl CorsPolicy {
         }
         let mut origins = Vec::new();
         for origin in value.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            // Visible ASCII only: a listed origin is written back verbatim into response
+            // heads, where a control character (CR, LF, NUL) would end or add a header on
+            // the raw-socket path and be dropped by hyper on the other. Browsers send
+            // internationalised hosts in punycode, so nothing real is lost.
             let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
                 && origin.len() <= MAX_ORIGIN_LEN
+                && origin.bytes().all(|b| b.is_ascii_graphic())
                 && !origin.ends_with('/')
                 && origin.split_once("://").is_some_and(|(_, host)| {
                     !host.is_empty() && !host.contains(['/', '*', ' ', '?', '#'])
@@ -221,6 +226,18 @@ mod tests {
             "https://",
         ] {
             assert!(CorsPolicy::parse(Some(bad)).is_err(), "{bad}");
+        }
+        // Found by the cors_headers fuzz target: a control character inside an origin was
+        // accepted and then written into the raw stream's response head.
+        for bad in [
+            "https://apxa\0pm",
+            "https://a.example\r\nset-cookie: x=1",
+            "https://a.example\nx:y",
+            "https://a\x7f.example",
+            "https://a\tb.example",
+            "https://bücher.example",
+        ] {
+            assert!(CorsPolicy::parse(Some(bad)).is_err(), "{bad:?}");
         }
         assert_eq!(
             CorsPolicy::parse(Some(" ")).unwrap(),
