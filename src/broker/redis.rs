@@ -5,17 +5,28 @@
 //! Failure assumptions: Redis may vanish or restart empty at any time. Commands then fail
 //! fast with [`Error::Unavailable`] (never a success for an event that was not stored);
 //! when Redis comes back without the library, it is loaded again on first use.
+//!
+//! On a cluster, the namespace's slot may move to a primary that never had the library (a
+//! node added and resharded to). Every (re)subscription loads it on every primary that
+//! lacks it, the readiness canary is sent through the library (so `/readyz` is 200 only
+//! while the slot's primary has it), and a call that finds it missing loads it and retries.
+//! Every call names all the keys it touches (the declared form), so a slot in migration
+//! answers with `ASK`, which redis-rs follows, instead of a non-local-key error.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use redis::cluster_routing::{
+    AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo,
+    SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use serde_json::value::RawValue;
 
 use super::delivery::Delivery;
-use super::keys::Keys;
-use super::target::{Manager, Pool, Pooled, RedisTarget};
+use super::keys::{self, Keys};
+use super::target::{Connection, Manager, Pool, Pooled, RedisTarget};
 use super::{ClusterStats, Error, Page, Replay, ReplicaStats};
 use crate::event::{self, EventId, unix_ms};
 use crate::metrics::Metrics;
@@ -27,7 +38,7 @@ pub(crate) const FUNCTION_LIBRARY: &str = include_str!("functions.lua");
 
 /// Version the library above declares (`VERSION` in it); an older loaded library is
 /// replaced.
-pub(crate) const LIBRARY_VERSION: i64 = 2;
+pub(crate) const LIBRARY_VERSION: i64 = 3;
 
 /// How long a command may wait for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -137,7 +148,8 @@ impl RedisBroker {
         delivery: Arc<Delivery>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
-        let pool = Pool::builder(Manager::new(settings.target.clone())?)
+        let keys = Keys::new(&settings.namespace);
+        let pool = Pool::builder(Manager::new(settings.target.clone(), keys.stream.clone())?)
             .max_size(16)
             .wait_timeout(Some(POOL_TIMEOUT))
             .create_timeout(Some(POOL_TIMEOUT))
@@ -148,7 +160,7 @@ impl RedisBroker {
         Ok(Self {
             target: settings.target.clone(),
             pool,
-            keys: Keys::new(&settings.namespace),
+            keys,
             delivery,
             settings,
             status: Arc::new(SubscriptionStatus::default()),
@@ -165,9 +177,9 @@ impl RedisBroker {
         &self.keys
     }
 
-    /// The client used for the dedicated pub/sub connection.
-    pub async fn client(&self) -> Result<redis::Client, Error> {
-        self.target.client().await
+    /// Where Redis is.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
     }
 
     async fn connection(&self) -> Result<Pooled, Error> {
@@ -177,17 +189,12 @@ impl RedisBroker {
             .map_err(|e| Error::Unavailable(format!("no Redis connection: {e}")))
     }
 
-    /// Loads the Function library unless an equal or newer version is there, and records
-    /// this replica's history and size settings for it.
+    /// Loads the Function library unless an equal or newer version is there (on a
+    /// cluster: on every primary, unless each has one), and records this replica's history
+    /// and size settings, and how the gateways listen, for it.
     pub async fn prepare(&self) -> Result<(), Error> {
         let mut conn = self.connection().await?;
-        let loaded: Result<i64, Error> = bounded(
-            redis::cmd("FCALL_RO")
-                .arg("eventfabric_version")
-                .arg(0)
-                .query_async(&mut *conn),
-        )
-        .await;
+        let loaded = library_version(&mut conn).await;
         if let Err(Error::Unavailable(why)) = loaded {
             return Err(Error::Unavailable(why));
         }
@@ -201,10 +208,21 @@ impl RedisBroker {
                 .arg(self.settings.history)
                 .arg("max_event_bytes")
                 .arg(self.settings.max_event_bytes)
+                .arg("pubsub")
+                .arg(if self.is_sharded() {
+                    "sharded"
+                } else {
+                    "classic"
+                })
                 .query_async(&mut *conn),
         )
         .await?;
         Ok(())
+    }
+
+    /// Whether pub/sub is sharded (`SSUBSCRIBE`, `SPUBLISH`): on a cluster.
+    pub fn is_sharded(&self) -> bool {
+        self.target.is_cluster()
     }
 
     /// Stores, counts and publishes an event in one atomic call; returns its id. A retry
@@ -216,7 +234,7 @@ impl RedisBroker {
         data: &RawValue,
         idempotency_key: Option<&str>,
     ) -> Result<EventId, Error> {
-        let mut call = self.library_call("FCALL", "eventfabric_publish");
+        let mut call = self.library_call("FCALL", "eventfabric_publish", keys::PUBLISH_KEYS);
         call.arg(event_type)
             .arg(data.get())
             .arg(idempotency_key.unwrap_or(""));
@@ -235,15 +253,25 @@ impl RedisBroker {
         if wanted == 0 {
             return Ok(id);
         }
-        // WAIT covers every write made on this connection so far, the event among them.
+        // WAIT covers every write made on this connection so far, the event among them (on
+        // a cluster: on the connection to the namespace's primary, which the cluster
+        // connection shares among its clones).
         let timeout_ms = self.settings.replica_timeout.as_millis() as u64;
-        let confirmed: i64 = bounded(
-            redis::cmd("WAIT")
-                .arg(wanted)
-                .arg(timeout_ms)
-                .query_async(&mut *conn),
-        )
-        .await
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(timeout_ms);
+        let confirmed: i64 = match &mut *conn {
+            Connection::Single(single) => bounded(wait.query_async(single)).await,
+            Connection::Cluster(cluster) => {
+                let primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(&self.keys.stream, SlotAddr::Master),
+                ));
+                bounded(cluster.route_command(wait, primary))
+                    .await
+                    .and_then(|v| {
+                        redis::from_redis_value(v).map_err(|e| Error::Rejected(e.to_string()))
+                    })
+            }
+        }
         .unwrap_or(0);
         if confirmed < i64::from(wanted) {
             return Err(Error::NotReplicated {
@@ -323,7 +351,8 @@ impl RedisBroker {
         // Asked after the read: trimming only moves forward, so a position that is still
         // known now was known when the entries were read.
         let position = if check {
-            let mut call = self.library_call("FCALL_RO", "eventfabric_position");
+            let mut call =
+                self.library_call("FCALL_RO", "eventfabric_position", keys::POSITION_KEYS);
             call.arg(after.to_string());
             self.call_with_library::<i64>(&call).await?
         } else {
@@ -374,22 +403,17 @@ impl RedisBroker {
         Ok(newest.first().and_then(|(id, _)| id.parse().ok()))
     }
 
-    /// Publishes this replica's readiness canary.
-    pub async fn send_canary(&self, channel: &str) -> Result<(), Error> {
-        let mut conn = self.connection().await?;
-        let _: i64 = bounded(
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(unix_ms())
-                .query_async(&mut *conn),
-        )
-        .await?;
+    /// Sends this replica's readiness canary, through the library (see the module notes).
+    pub async fn send_canary(&self, replica_id: &str) -> Result<(), Error> {
+        let mut call = self.library_call("FCALL", "eventfabric_canary", keys::CANARY_KEYS);
+        call.arg(replica_id).arg(unix_ms());
+        let _: i64 = self.call_with_library(&call).await?;
         Ok(())
     }
 
     /// Records that `replica_id` is alive with `clients` clients.
     pub async fn heartbeat(&self, replica_id: &str, clients: usize) -> Result<(), Error> {
-        let mut call = self.library_call("FCALL", "eventfabric_heartbeat");
+        let mut call = self.library_call("FCALL", "eventfabric_heartbeat", keys::REPLICA_KEYS);
         call.arg(replica_id)
             .arg(clients)
             .arg(REPLICA_TTL.as_millis() as u64);
@@ -399,7 +423,7 @@ impl RedisBroker {
 
     /// Removes `replica_id` from the cluster stats at once (graceful shutdown).
     pub async fn leave(&self, replica_id: &str) -> Result<(), Error> {
-        let mut call = self.library_call("FCALL", "eventfabric_leave");
+        let mut call = self.library_call("FCALL", "eventfabric_leave", keys::REPLICA_KEYS);
         call.arg(replica_id);
         let _: i64 = self.call_with_library(&call).await?;
         Ok(())
@@ -407,7 +431,7 @@ impl RedisBroker {
 
     /// Counters and live replicas of the namespace.
     pub async fn cluster_stats(&self) -> Result<ClusterStats, Error> {
-        let call = self.library_call("FCALL", "eventfabric_stats");
+        let call = self.library_call("FCALL", "eventfabric_stats", keys::STATS_KEYS);
         let reply: StatsReply = self.call_with_library(&call).await?;
         let (_now, counters, replicas) = reply;
         let mut stats = ClusterStats::default();
@@ -430,11 +454,13 @@ impl RedisBroker {
         Ok(stats)
     }
 
-    /// `<command> <function> 1 {ns}:stream`: a call into the library on this namespace,
-    /// to which the caller appends the function's arguments.
-    fn library_call(&self, command: &str, function: &str) -> redis::Cmd {
+    /// `<command> <function> <n> {ns}:stream {ns}:...`: a call into the library on this
+    /// namespace in the declared form (the stream key, then the keys in `touched`), to
+    /// which the caller appends the function's arguments.
+    fn library_call(&self, command: &str, function: &str, touched: &[&str]) -> redis::Cmd {
+        let declared = self.keys.declared(touched);
         let mut call = redis::cmd(command);
-        call.arg(function).arg(1).arg(&self.keys.stream);
+        call.arg(function).arg(declared.len()).arg(declared);
         call
     }
 
@@ -497,6 +523,25 @@ async fn bounded<T>(
     }
 }
 
+/// The version of the loaded library: on a cluster, the lowest any primary has (an error
+/// when one has none).
+async fn library_version(conn: &mut Connection) -> Result<i64, Error> {
+    let mut call = redis::cmd("FCALL_RO");
+    call.arg("eventfabric_version").arg(0);
+    match conn {
+        Connection::Single(single) => bounded(call.query_async(single)).await,
+        Connection::Cluster(cluster) => {
+            let every_primary = RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
+            ));
+            let lowest = bounded(cluster.route_command(call, every_primary)).await?;
+            redis::from_redis_value(lowest).map_err(|e| Error::Rejected(e.to_string()))
+        }
+    }
+}
+
+/// Loads the library (redis-rs sends `FUNCTION LOAD` to every primary of a cluster).
 async fn load_library(conn: &mut Pooled) -> Result<(), Error> {
     let _: String = bounded(
         redis::cmd("FUNCTION")

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 #![allow(missing_docs)]
 
+mod cluster;
 mod deploy;
 mod fabric;
 mod harness;
