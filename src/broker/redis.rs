@@ -96,8 +96,12 @@ pub(crate) struct SubscriptionStatus {
 }
 
 impl SubscriptionStatus {
-    /// Records whether the pub/sub connection is subscribed.
+    /// Records whether the pub/sub connection is subscribed. A subscription that ended
+    /// forgets its canary: only one that came back through the next subscription counts.
     pub fn set_subscribed(&self, subscribed: bool) {
+        if !subscribed {
+            self.last_canary_ms.store(0, Ordering::Relaxed);
+        }
         self.subscribed.store(subscribed, Ordering::Relaxed);
     }
 
