@@ -7,9 +7,11 @@
 //! when Redis comes back without the library, it is loaded again on first use.
 //!
 //! On a cluster, the namespace's slot may move to a primary that never had the library (a
-//! node added and resharded to). Every (re)subscription loads it on every primary that
-//! lacks it, the readiness canary is sent through the library (so `/readyz` is 200 only
-//! while the slot's primary has it), and a call that finds it missing loads it and retries.
+//! node added and resharded to). Every (re)subscription loads it on the slot's primary and
+//! on every other primary that lacks it (that part may fail: a shard elsewhere in trouble
+//! must not make this namespace unready), the readiness canary is sent through the library
+//! (so `/readyz` is 200 only while the slot's primary has it), and a call that finds it
+//! missing loads it and retries.
 //! Every call names all the keys it touches (the declared form), so a slot in migration
 //! answers with `ASK`, which redis-rs follows, instead of a non-local-key error.
 
@@ -42,6 +44,10 @@ pub(crate) const LIBRARY_VERSION: i64 = 3;
 
 /// How long a command may wait for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long loading the library on every primary of a cluster may take, after the
+/// namespace's own primary has it.
+const EVERY_PRIMARY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long one Redis command may take before the caller is told Redis is unavailable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
@@ -193,18 +199,12 @@ impl RedisBroker {
             .map_err(|e| Error::Unavailable(format!("no Redis connection: {e}")))
     }
 
-    /// Loads the Function library unless an equal or newer version is there (on a
-    /// cluster: on every primary, unless each has one), and records this replica's history
-    /// and size settings, and how the gateways listen, for it.
+    /// Loads the Function library unless an equal or newer version is there (see
+    /// [`ensure_library`]), and records this replica's history and size settings, and how
+    /// the gateways listen, for it.
     pub async fn prepare(&self) -> Result<(), Error> {
         let mut conn = self.connection().await?;
-        let loaded = library_version(&mut conn).await;
-        if let Err(Error::Unavailable(why)) = loaded {
-            return Err(Error::Unavailable(why));
-        }
-        if !matches!(loaded, Ok(v) if v >= LIBRARY_VERSION) {
-            load_library(&mut conn).await?;
-        }
+        ensure_library(&mut conn, &self.keys.stream, false).await?;
         let _: () = bounded(
             redis::cmd("HSET")
                 .arg(&self.keys.config)
@@ -491,7 +491,7 @@ impl RedisBroker {
         match bounded(call.query_async(&mut **conn)).await {
             Err(Error::Rejected(detail)) if detail.contains("Function not found") => {
                 tracing::info!("function library missing in Redis; loading it");
-                load_library(conn).await?;
+                ensure_library(conn, &self.keys.stream, true).await?;
                 bounded(call.query_async(&mut **conn)).await
             }
             other => other,
@@ -527,34 +527,74 @@ async fn bounded<T>(
     }
 }
 
-/// The version of the loaded library: on a cluster, the lowest any primary has (an error
-/// when one has none).
-async fn library_version(conn: &mut Connection) -> Result<i64, Error> {
-    let mut call = redis::cmd("FCALL_RO");
-    call.arg("eventfabric_version").arg(0);
-    match conn {
-        Connection::Single(single) => bounded(call.query_async(single)).await,
-        Connection::Cluster(cluster) => {
-            let every_primary = RoutingInfo::MultiNode((
-                MultipleNodeRoutingInfo::AllMasters,
-                Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
-            ));
-            let lowest = bounded(cluster.route_command(call, every_primary)).await?;
-            redis::from_redis_value(lowest).map_err(|e| Error::Rejected(e.to_string()))
+/// Loads the library unless an equal or newer version is there (`missing`: it is known
+/// not to be). On a cluster, first on the primary of this namespace's slot, which is all
+/// this namespace needs, and then on every other primary, so that producers of every
+/// namespace find it there; that second step waits at most [`EVERY_PRIMARY_TIMEOUT`] and
+/// may fail (a failover under way on another shard must not make this one unready).
+async fn ensure_library(conn: &mut Connection, stream: &str, missing: bool) -> Result<(), Error> {
+    let mut version = redis::cmd("FCALL_RO");
+    version.arg("eventfabric_version").arg(0);
+    let mut load = redis::cmd("FUNCTION");
+    load.arg("LOAD").arg("REPLACE").arg(FUNCTION_LIBRARY);
+    let current = |loaded: &Result<i64, Error>| matches!(loaded, Ok(v) if *v >= LIBRARY_VERSION);
+    let cluster = match conn {
+        Connection::Single(single) => {
+            if !missing {
+                match bounded(version.query_async::<i64>(single)).await {
+                    Err(Error::Unavailable(why)) => return Err(Error::Unavailable(why)),
+                    loaded if current(&loaded) => return Ok(()),
+                    _ => {}
+                }
+            }
+            let _: String = bounded(load.query_async(single)).await?;
+            return Ok(());
         }
+        Connection::Cluster(cluster) => cluster,
+    };
+    let namespace_primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+        Route::with_key(stream, SlotAddr::Master),
+    ));
+    let here = if missing {
+        Ok(0)
+    } else {
+        bounded(cluster.route_command(version.clone(), namespace_primary.clone()))
+            .await
+            .and_then(|v| redis::from_redis_value(v).map_err(|e| Error::Rejected(e.to_string())))
+    };
+    if let Err(Error::Unavailable(why)) = here {
+        return Err(Error::Unavailable(why));
     }
-}
-
-/// Loads the library (redis-rs sends `FUNCTION LOAD` to every primary of a cluster).
-async fn load_library(conn: &mut Pooled) -> Result<(), Error> {
-    let _: String = bounded(
-        redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(FUNCTION_LIBRARY)
-            .query_async(&mut **conn),
-    )
-    .await?;
+    if !current(&here) {
+        let _: redis::Value =
+            bounded(cluster.route_command(load.clone(), namespace_primary)).await?;
+    }
+    // Every primary: the lowest version any has, and a load on all when one lacks it.
+    let lowest = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
+    ));
+    let all = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::AllSucceeded),
+    ));
+    let everywhere = async {
+        let loaded = cluster
+            .route_command(version, lowest)
+            .await
+            .and_then(|v| Ok(redis::from_redis_value::<i64>(v)?));
+        if matches!(loaded, Ok(v) if v >= LIBRARY_VERSION) {
+            return Ok(());
+        }
+        cluster.route_command(load, all).await.map(drop)
+    };
+    match tokio::time::timeout(EVERY_PRIMARY_TIMEOUT, everywhere).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "the function library is not on every primary yet");
+        }
+        Err(_) => tracing::warn!("not every primary answered while loading the function library"),
+    }
     Ok(())
 }
 
