@@ -109,8 +109,16 @@ def start_gateways(n, url, procs):
     return apis
 
 
+def idle_rate(pid, secs=5.0):
+    """CPU seconds per second the shard spends with the gateways connected and no events
+    (canaries, heartbeats, the cluster bus)."""
+    before, start = cpu_seconds(pid), time.time()
+    time.sleep(secs)
+    return (cpu_seconds(pid) - before) / (time.time() - start)
+
+
 def run(apis, owner, owner_pid, clients, events, rate):
-    before = cpu_seconds(owner_pid)
+    before, start = cpu_seconds(owner_pid), time.time()
     out = subprocess.run(
         [LOADGEN, "--url", ",".join(f"{b}/api/events/stream" for b, _ in apis),
          "--clients", str(clients), "--events", str(events), "--rate", str(rate),
@@ -120,7 +128,7 @@ def run(apis, owner, owner_pid, clients, events, rate):
         capture_output=True, text=True, timeout=600)
     spent = cpu_seconds(owner_pid) - before
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result, spent
+    return result, spent, time.time() - start
 
 
 def main():
@@ -144,21 +152,25 @@ def main():
             ports, pids, owner = start_cluster(workdir, procs)
             url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports[:3])
             apis = start_gateways(r, url, procs)
-            fixed, spent = run(apis, owner, pids[owner], args.clients, args.events, args.rate)
-            fast, fast_spent = run(apis, owner, pids[owner], args.clients, args.events, 0)
-            per_event_us = spent / max(fixed["published"], 1) * 1e6
+            idle = idle_rate(pids[owner])
+            fixed, spent, took = run(apis, owner, pids[owner], args.clients, args.events, args.rate)
+            fast, fast_spent, fast_took = run(apis, owner, pids[owner], args.clients, args.events, 0)
+            # The marginal cost of an event: what the run spent beyond the idle rate.
+            per_event_us = max(spent - idle * took, 0) / max(fixed["published"], 1) * 1e6
+            fast_us = max(fast_spent - idle * fast_took, 0) / max(fast["published"], 1) * 1e6
             rows.append({
                 "replicas": r,
                 "clients": fixed["connected"],
+                "idle_shard_cpu_share": round(idle, 4),
                 "shard_cpu_us_per_event": round(per_event_us, 1),
-                "events_per_s_per_shard_core": round(1e6 / per_event_us),
                 "fixed_rate": args.rate,
                 "fixed_lost": fixed["lost"],
                 "fixed_p99_ms": fixed["p99_ms"],
                 "max_publish_rate": round(fast["published"] / max(fast["publish_secs"], 1e-9)),
                 "max_lost": fast["lost"],
                 "max_p99_ms": fast["p99_ms"],
-                "max_shard_cpu_us_per_event": round(fast_spent / max(fast["published"], 1) * 1e6, 1),
+                "max_shard_cpu_us_per_event": round(fast_us, 1),
+                "events_per_s_per_shard_core": round(1e6 / max(fast_us, 1e-9)),
             })
             print(json.dumps(rows[-1]), flush=True)
         finally:
