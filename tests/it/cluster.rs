@@ -135,7 +135,7 @@ impl Cluster {
                 continue;
             }
             if let Ok(slots) =
-                node_cmd::<redis::Value>(node.port(), &redis::cmd("CLUSTER").arg("SLOTS")).await
+                node_cmd::<redis::Value>(node.port(), redis::cmd("CLUSTER").arg("SLOTS")).await
             {
                 return parse_slots(&slots);
             }
@@ -845,4 +845,105 @@ async fn the_short_and_the_declared_forms_both_work_and_a_wrong_key_is_refused()
         .await
         .expect("XLEN");
     assert_eq!(stored, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_killed_cluster_primary_loses_is_counted_and_resumers_are_told() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let Some(mut cluster) = Cluster::start().await else {
+        return;
+    };
+    let gw = GatewayBuilder::new()
+        .redis_url(&cluster.url())
+        .namespace(NS)
+        .spawn();
+    let api = gw.api();
+    api.wait_ready(T).await;
+    let mut watching = SseClient::connect(api.base(), ConnectOpts::default()).await;
+
+    // A producer at 100 POST/s; it keeps what was acknowledged.
+    let producer = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let until = Instant::now() + Duration::from_secs(10);
+            let mut seq = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                seq += 1;
+                let body = json!({"type": "t", "data": {"seq": seq}}).to_string();
+                let (status, answer) = api.post_raw(body, "application/json").await;
+                if status == StatusCode::ACCEPTED {
+                    let answer: serde_json::Value =
+                        serde_json::from_str(&answer).expect("a JSON answer");
+                    acked.push(answer["id"].as_str().expect("an id").to_owned());
+                }
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Cut the primary's replica off for its last second (stopped, its link closed by the
+    // primary), so what the primary acknowledges then exists nowhere else; then kill it.
+    let owner = cluster.owner(SLOT, None).await;
+    let replica = *owner.replicas.first().expect("the primary has a replica");
+    let replica_pid = Pid::from_raw(cluster.node(replica).pid().expect("the replica runs") as i32);
+    kill(replica_pid, Signal::SIGSTOP).expect("stop the replica");
+    redis_cli(owner.port, &["CLIENT", "KILL", "TYPE", "replica"]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.node(owner.port).kill();
+    kill(replica_pid, Signal::SIGCONT).expect("continue the replica");
+    let acked = producer.await.expect("producer task");
+    api.wait_ready(READY_AGAIN).await;
+
+    let mut conn = producer_connection(&[replica]).await;
+    let stored: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg("{eventfabric}:stream")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE on the new primary");
+    let stored: HashSet<String> = stored.into_iter().map(|(id, _)| id).collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    // The client that stayed connected goes on with what the new primary stores.
+    let after = api.publish("t", json!({"seq": "after"})).await;
+    let mut truncated_live = 0;
+    loop {
+        let event = watching.expect_event(T).await;
+        if event.ty() == "history_truncated" {
+            truncated_live += 1;
+        }
+        if event.id == after {
+            break;
+        }
+    }
+    eprintln!(
+        "cluster primary killed with its replica cut off for 1 s at 100 ev/s: {} acknowledged, \
+         {} lost with it; the connected client got {truncated_live} history_truncated",
+        acked.len(),
+        lost.len()
+    );
+    assert!(
+        acked.len() > 300,
+        "the producer hardly ran: {}",
+        acked.len()
+    );
+    assert!(
+        !lost.is_empty(),
+        "nothing was lost: the replica was not cut off"
+    );
+    // Every client whose last event was lost is told on resuming, never skipped ahead.
+    for lost in [lost[0], lost[lost.len() / 2], lost[lost.len() - 1]] {
+        let mut c = SseClient::connect(api.base(), ConnectOpts::header(lost)).await;
+        let first = c.expect_event(T).await;
+        assert_eq!(
+            first.ty(),
+            "history_truncated",
+            "resume from lost {lost}: {}",
+            c.summary()
+        );
+    }
 }

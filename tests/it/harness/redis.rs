@@ -114,6 +114,11 @@ impl RedisProc {
         self.port
     }
 
+    /// The process id of an own server that is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `Ok` if kill/restart work; otherwise why not, for [`tools::require`](super::tools::require).
     pub fn killable(&self) -> Result<(), String> {
         if self.external {
