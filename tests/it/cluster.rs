@@ -773,6 +773,36 @@ async fn a_gateway_started_before_the_cluster_exists_becomes_ready_once_it_does(
     let id = api.publish("job_updated", json!({"seq": 1})).await;
     let got = c.expect_event(T).await;
     assert_eq!((got.seq(), got.id.as_str()), (Some(1), id.as_str()));
+
+    // --publish-min-replicas on a cluster: WAIT goes to the slot's primary, whose replica
+    // confirms (once it has synced); two replicas wanted, one there: 503.
+    for (wanted, status) in [
+        (1, StatusCode::ACCEPTED),
+        (2, StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let gw = GatewayBuilder::new()
+            .redis_url(&seeds_url(&ports))
+            .namespace(NS)
+            .opt("--publish-min-replicas", wanted)
+            .opt("--publish-replica-timeout-ms", 300)
+            .spawn();
+        let api = gw.api();
+        api.wait_ready(T).await;
+        eventually(
+            &format!("a publish wanting {wanted} replicas answered {status}"),
+            T,
+            || async {
+                let (got, _) = api
+                    .post_raw(
+                        json!({"type": "t", "data": 1}).to_string(),
+                        "application/json",
+                    )
+                    .await;
+                (got == status).then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
