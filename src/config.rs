@@ -326,10 +326,12 @@ pub struct Config {
     #[arg(long, env = "EVENTFABRIC_REPLICA_ID", global = true)]
     pub replica_id: Option<String>,
 
-    /// Redis URL (`redis://[user[:pass]@]host:port[/db]`, `rediss://` for TLS, or
-    /// `redis+sentinel://host:port[,host:port...]/master-name`). Unset: a single replica with
-    /// an in-process broker. Set: one replica of a cluster sharing this Redis. Give an ACL
-    /// user's password with --redis-password-file or REDIS_PASSWORD rather than in the URL.
+    /// Redis URL (`redis://[user[:pass]@]host:port[/db]`, `rediss://` for TLS,
+    /// `redis+sentinel://host:port[,host:port...]/master-name`, or a Redis Cluster's seed
+    /// nodes `redis+cluster://host:port[,host:port...]`, `rediss+cluster://` for TLS).
+    /// Unset: a single replica with an in-process broker. Set: one replica of a cluster
+    /// sharing this Redis. Give an ACL user's password with --redis-password-file or
+    /// REDIS_PASSWORD rather than in the URL.
     #[arg(long, env = "REDIS_URL", global = true, hide_env_values = true)]
     pub redis_url: Option<RedisUrl>,
 
@@ -520,6 +522,14 @@ mod tests {
             ("redis://h:6379", "redis://h:6379"),
             ("redis://user@h/1?x=a:b@c", "redis://user@h/1?x=a:b@c"),
             ("redis://u:p@ss:w@rd@h:1", "redis://u:<redacted>@h:1"),
+            (
+                "redis+cluster://gw:s3cret@h1:7000,h2:7001",
+                "redis+cluster://gw:<redacted>@h1:7000,h2:7001",
+            ),
+            (
+                "rediss+cluster://gw:s3cret@h1:7000/",
+                "rediss+cluster://gw:<redacted>@h1:7000/",
+            ),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }

@@ -1,7 +1,8 @@
 //! The readiness canary: every second this replica publishes a message on a channel of its
 //! own and its subscriber watches for it to come back. Only a canary that made the whole
-//! round trip (command connection, Redis, this replica's subscription) counts, so
-//! `/readyz` is 200 only while delivery through Redis is proven to work right now.
+//! round trip (command connection, the function library, Redis, this replica's
+//! subscription) counts, so `/readyz` is 200 only while delivery through Redis is proven to
+//! work right now. The library sends it the way the gateways listen (sharded on a cluster).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,14 +26,13 @@ pub(crate) struct Canary {
 impl Canary {
     /// Publishes the canary every second until `shutdown` fires.
     pub async fn run(self, shutdown: CancellationToken) {
-        let channel = self.broker.keys().canary(&self.replica_id);
         let mut tick = tokio::time::interval(CANARY_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {
-                    let sent = tokio::time::timeout(CANARY_STALE, self.broker.send_canary(&channel)).await;
+                    let sent = tokio::time::timeout(CANARY_STALE, self.broker.send_canary(&self.replica_id)).await;
                     if let Ok(Err(error)) = sent {
                         tracing::debug!(%error, "canary not sent");
                     }

@@ -1,10 +1,16 @@
 #!lua name=eventfabric
 -- eventfabric's Redis Function library: the producer API and the replica bookkeeping.
 -- Every key of a namespace shares the hash tag of its stream key ("{ns}:stream"), so the
--- library also works on Redis Cluster. Loaded by every replica at start-up and again
--- whenever Redis comes back without it.
+-- library also works on Redis Cluster. Loaded by every replica at start-up (on every
+-- primary of a cluster) and again whenever Redis comes back without it.
+--
+-- Keys: every function is called with the namespace's stream key first. On a single Redis
+-- (or Sentinel) that key alone will do: the function derives the others from it (the
+-- short form). A cluster, and a managed Redis that checks keys, needs every key a function
+-- touches declared: the stream key followed by the keys in the function's list below, in
+-- that order (the declared form). A declared key must be exactly the derived one.
 
-local VERSION = 2
+local VERSION = 3
 local MAX_TYPE_LEN = 128
 local MAX_TRACKED_TYPES = 1000
 local IDEMPOTENCY_TTL_MS = 600000
@@ -13,6 +19,13 @@ local MAX_IDEMPOTENCY_KEY_LEN = 200
 -- Expired or surplus idempotency keys forgotten per publish; more than one, so the set
 -- shrinks faster than a publish can grow it.
 local IDEMPOTENCY_SWEEP = 100
+
+-- The keys each function touches besides the stream key, in the order the declared form
+-- names them after it.
+local PUBLISH_KEYS = {':config', ':stats', ':idem', ':idem:order'}
+local REPLICA_KEYS = {':replicas', ':replicas:expiry'}
+local STATS_KEYS = {':stats', ':replicas', ':replicas:expiry'}
+local CANARY_KEYS = {':config'}
 
 -- Validation failures read "ERR invalid event: ...": the gateway answers them with 400,
 -- and every other error means "not stored, try again".
@@ -59,10 +72,40 @@ local function prefix_of(stream_key)
   return prefix
 end
 
-local function config_number(prefix, field, default)
-  local value = tonumber(redis.call('HGET', prefix .. ':config', field))
+-- The namespace prefix and the keys of a call: keys[1] is the stream key, then either
+-- nothing (the short form: derived here) or exactly the keys in `suffixes`, in order (the
+-- declared form). Returns the prefix and a table suffix -> key.
+local function declared(keys, suffixes)
+  local prefix = prefix_of(keys[1])
+  if #keys ~= 1 and #keys ~= #suffixes + 1 then
+    error('ERR give the stream key alone, or followed by all ' .. #suffixes .. ' keys this function touches')
+  end
+  local names = {}
+  for i, suffix in ipairs(suffixes) do
+    local name = prefix .. suffix
+    if #keys > 1 and keys[i + 1] ~= name then
+      error('ERR key ' .. (i + 1) .. ' must be ' .. name)
+    end
+    names[suffix] = name
+  end
+  return prefix, names
+end
+
+local function config_number(config, field, default)
+  local value = tonumber(redis.call('HGET', config, field))
   if value and value >= 0 then return value end
   return default
+end
+
+-- Publishes on a channel the way the gateways listen: on a cluster they say so in the
+-- config ("pubsub" = "sharded") and listen with SSUBSCRIBE, so the message stays within
+-- the namespace's shard; otherwise a classic PUBLISH.
+local function ring(config, channel, message)
+  if redis.call('HGET', config, 'pubsub') == 'sharded' then
+    redis.call('SPUBLISH', channel, message)
+  else
+    redis.call('PUBLISH', channel, message)
+  end
 end
 
 -- Forgets idempotency keys older than IDEMPOTENCY_TTL_MS, and the oldest ones beyond
@@ -84,10 +127,12 @@ local function forget_idempotency_keys(idem_keys, idem_order)
 end
 
 -- FCALL eventfabric_publish 1 {ns}:stream <type> <data-json> [<idempotency-key>]
+-- FCALL eventfabric_publish 5 {ns}:stream {ns}:config {ns}:stats {ns}:idem {ns}:idem:order
+--   <type> <data-json> [<idempotency-key>]
 -- Stores the event in the capped stream, counts it, publishes it live, returns its id.
 local function publish(keys, args)
   local stream = keys[1]
-  local prefix = prefix_of(stream)
+  local prefix, key = declared(keys, PUBLISH_KEYS)
   local event_type, data, idem = args[1], args[2], args[3]
   if not event_type or event_type == '' then
     return bad_event('type must not be empty')
@@ -99,7 +144,7 @@ local function publish(keys, args)
     return bad_event("type may contain only letters, digits, '_', '.', ':' and '-'")
   end
   if data == nil or data == '' then data = 'null' end
-  local max_bytes = config_number(prefix, 'max_event_bytes', 65536)
+  local max_bytes = config_number(key[':config'], 'max_event_bytes', 65536)
   if #data + #event_type > max_bytes then
     return bad_event('event exceeds ' .. max_bytes .. ' bytes')
   end
@@ -112,19 +157,19 @@ local function publish(keys, args)
     if #idem > MAX_IDEMPOTENCY_KEY_LEN then
       return bad_event('idempotency key is longer than ' .. MAX_IDEMPOTENCY_KEY_LEN .. ' bytes')
     end
-    idem_keys, idem_order = prefix .. ':idem', prefix .. ':idem:order'
+    idem_keys, idem_order = key[':idem'], key[':idem:order']
     forget_idempotency_keys(idem_keys, idem_order)
     local earlier = redis.call('HGET', idem_keys, idem)
     if earlier then return earlier end
   end
-  local history = config_number(prefix, 'history', 10000)
+  local history = config_number(key[':config'], 'history', 10000)
   local id = redis.call('XADD', stream, 'MAXLEN', '~', history, '*', 'type', event_type, 'data', data)
   local ms = string.match(id, '^(%d+)-')
   if idem_keys then
     redis.call('HSET', idem_keys, idem, id)
     redis.call('ZADD', idem_order, ms, idem)
   end
-  local stats = prefix .. ':stats'
+  local stats = key[':stats']
   redis.call('HINCRBY', stats, 'total', 1)
   local field = 'type:' .. event_type
   if redis.call('HEXISTS', stats, field) == 1 or redis.call('HLEN', stats) <= MAX_TRACKED_TYPES then
@@ -134,7 +179,7 @@ local function publish(keys, args)
   end
   -- A doorbell, not the event: replicas read what is new from the stream, so an id comes
   -- only from the stream and no message on the channel can claim one.
-  redis.call('PUBLISH', prefix .. ':events', id)
+  ring(key[':config'], prefix .. ':events', id)
   return id
 end
 
@@ -188,36 +233,49 @@ local function position(keys, args)
 end
 
 -- FCALL eventfabric_heartbeat 1 {ns}:stream <replica-id> <clients> <ttl-ms>
+-- (declared: 3 {ns}:stream {ns}:replicas {ns}:replicas:expiry)
 -- Records that a replica is alive and how many clients it has, on Redis's clock.
 local function heartbeat(keys, args)
-  local prefix = prefix_of(keys[1])
+  local _, key = declared(keys, REPLICA_KEYS)
   local now = now_ms()
   local ttl = tonumber(args[3]) or 10000
-  redis.call('HSET', prefix .. ':replicas', args[1], args[2] .. ':' .. now)
-  redis.call('ZADD', prefix .. ':replicas:expiry', now + ttl, args[1])
+  redis.call('HSET', key[':replicas'], args[1], args[2] .. ':' .. now)
+  redis.call('ZADD', key[':replicas:expiry'], now + ttl, args[1])
   return now
 end
 
 -- FCALL eventfabric_leave 1 {ns}:stream <replica-id>
+-- (declared: 3 {ns}:stream {ns}:replicas {ns}:replicas:expiry)
 local function leave(keys, args)
-  local prefix = prefix_of(keys[1])
-  redis.call('HDEL', prefix .. ':replicas', args[1])
-  redis.call('ZREM', prefix .. ':replicas:expiry', args[1])
+  local _, key = declared(keys, REPLICA_KEYS)
+  redis.call('HDEL', key[':replicas'], args[1])
+  redis.call('ZREM', key[':replicas:expiry'], args[1])
   return 1
 end
 
 -- FCALL eventfabric_stats 1 {ns}:stream
+-- (declared: 4 {ns}:stream {ns}:stats {ns}:replicas {ns}:replicas:expiry)
 -- Returns {now-ms, counters (flat field/value list), replicas (flat id/"clients:last-seen")},
 -- after dropping replicas whose heartbeat expired.
 local function stats(keys, args)
-  local prefix = prefix_of(keys[1])
+  local _, key = declared(keys, STATS_KEYS)
   local now = now_ms()
-  local expired = redis.call('ZRANGEBYSCORE', prefix .. ':replicas:expiry', '-inf', now)
+  local expired = redis.call('ZRANGEBYSCORE', key[':replicas:expiry'], '-inf', now)
   for _, id in ipairs(expired) do
-    redis.call('HDEL', prefix .. ':replicas', id)
-    redis.call('ZREM', prefix .. ':replicas:expiry', id)
+    redis.call('HDEL', key[':replicas'], id)
+    redis.call('ZREM', key[':replicas:expiry'], id)
   end
-  return {now, redis.call('HGETALL', prefix .. ':stats'), redis.call('HGETALL', prefix .. ':replicas')}
+  return {now, redis.call('HGETALL', key[':stats']), redis.call('HGETALL', key[':replicas'])}
+end
+
+-- FCALL eventfabric_canary 2 {ns}:stream {ns}:config <replica-id> <payload>
+-- Sends a replica's readiness canary on its own channel, the way the gateways listen. Going
+-- through the library, a canary that comes back also proves the library is loaded on the
+-- primary that holds the namespace (on a cluster, after a failover or a slot move too).
+local function canary(keys, args)
+  local prefix, key = declared(keys, CANARY_KEYS)
+  ring(key[':config'], prefix .. ':canary:' .. args[1], args[2])
+  return 1
 end
 
 -- FCALL_RO eventfabric_version 0
@@ -230,4 +288,5 @@ redis.register_function{function_name = 'eventfabric_position', callback = posit
 redis.register_function('eventfabric_heartbeat', heartbeat)
 redis.register_function('eventfabric_leave', leave)
 redis.register_function('eventfabric_stats', stats)
+redis.register_function('eventfabric_canary', canary)
 redis.register_function{function_name = 'eventfabric_version', callback = version, flags = {'no-writes'}}

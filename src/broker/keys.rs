@@ -2,6 +2,18 @@
 //! namespace as a hash tag (`{ns}`), so they live in one Redis Cluster slot and the
 //! function library may touch them together.
 
+/// Keys `eventfabric_publish` touches besides the stream key, in the order the declared
+/// form names them (`PUBLISH_KEYS` in the function library).
+pub const PUBLISH_KEYS: &[&str] = &[":config", ":stats", ":idem", ":idem:order"];
+/// Keys `eventfabric_heartbeat` and `eventfabric_leave` touch besides the stream key.
+pub const REPLICA_KEYS: &[&str] = &[":replicas", ":replicas:expiry"];
+/// Keys `eventfabric_stats` touches besides the stream key.
+pub const STATS_KEYS: &[&str] = &[":stats", ":replicas", ":replicas:expiry"];
+/// Keys `eventfabric_canary` touches besides the stream key.
+pub const CANARY_KEYS: &[&str] = &[":config"];
+/// `eventfabric_position` touches the stream key alone.
+pub const POSITION_KEYS: &[&str] = &[];
+
 /// Names used by one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -39,6 +51,19 @@ impl Keys {
             idempotency_order: format!("{prefix}:idem:order"),
             prefix,
         }
+    }
+
+    /// The keys of a library call in the declared form: the stream key, then the key of
+    /// each of `suffixes` (one of the lists above), which every Redis accepts and a cluster
+    /// requires.
+    pub fn declared(&self, suffixes: &[&str]) -> Vec<String> {
+        std::iter::once(self.stream.clone())
+            .chain(
+                suffixes
+                    .iter()
+                    .map(|suffix| format!("{}{suffix}", self.prefix)),
+            )
+            .collect()
     }
 
     /// The channel on which a replica's readiness canary travels.
@@ -94,6 +119,28 @@ mod tests {
         assert_eq!(keys.canary("gw-1"), "{eventfabric}:canary:gw-1");
         for name in keys.all() {
             assert!(name.starts_with("{eventfabric}:"), "{name}");
+        }
+    }
+
+    #[test]
+    fn declared_keys_are_the_stream_key_then_the_listed_ones_in_order() {
+        let keys = Keys::new("ns");
+        assert_eq!(keys.declared(POSITION_KEYS), ["{ns}:stream"]);
+        assert_eq!(
+            keys.declared(PUBLISH_KEYS),
+            [
+                "{ns}:stream",
+                "{ns}:config",
+                "{ns}:stats",
+                "{ns}:idem",
+                "{ns}:idem:order"
+            ]
+        );
+        let all = keys.all();
+        for list in [PUBLISH_KEYS, REPLICA_KEYS, STATS_KEYS, CANARY_KEYS] {
+            for key in keys.declared(list) {
+                assert!(all.contains(&key), "{key} is not a key of the namespace");
+            }
         }
     }
 

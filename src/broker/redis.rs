@@ -5,17 +5,30 @@
 //! Failure assumptions: Redis may vanish or restart empty at any time. Commands then fail
 //! fast with [`Error::Unavailable`] (never a success for an event that was not stored);
 //! when Redis comes back without the library, it is loaded again on first use.
+//!
+//! On a cluster, the namespace's slot may move to a primary that never had the library (a
+//! node added and resharded to). Every (re)subscription loads it on the slot's primary and
+//! on every other primary that lacks it (that part may fail: a shard elsewhere in trouble
+//! must not make this namespace unready), the readiness canary is sent through the library
+//! (so `/readyz` is 200 only while the slot's primary has it), and a call that finds it
+//! missing loads it and retries.
+//! Every call names all the keys it touches (the declared form), so a slot in migration
+//! answers with `ASK`, which redis-rs follows, instead of a non-local-key error.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use redis::cluster_routing::{
+    AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo,
+    SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 use serde_json::value::RawValue;
 
 use super::delivery::Delivery;
-use super::keys::Keys;
-use super::target::{Manager, Pool, Pooled, RedisTarget};
+use super::keys::{self, Keys};
+use super::target::{Connection, Manager, Pool, Pooled, RedisTarget};
 use super::{ClusterStats, Error, Page, Replay, ReplicaStats};
 use crate::event::{self, EventId, unix_ms};
 use crate::metrics::Metrics;
@@ -27,10 +40,14 @@ pub(crate) const FUNCTION_LIBRARY: &str = include_str!("functions.lua");
 
 /// Version the library above declares (`VERSION` in it); an older loaded library is
 /// replaced.
-pub(crate) const LIBRARY_VERSION: i64 = 2;
+pub(crate) const LIBRARY_VERSION: i64 = 3;
 
 /// How long a command may wait for a pooled connection or a new one.
 const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long loading the library on every primary of a cluster may take, after the
+/// namespace's own primary has it.
+const EVERY_PRIMARY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long one Redis command may take before the caller is told Redis is unavailable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
@@ -85,8 +102,12 @@ pub(crate) struct SubscriptionStatus {
 }
 
 impl SubscriptionStatus {
-    /// Records whether the pub/sub connection is subscribed.
+    /// Records whether the pub/sub connection is subscribed. A subscription that ended
+    /// forgets its canary: only one that came back through the next subscription counts.
     pub fn set_subscribed(&self, subscribed: bool) {
+        if !subscribed {
+            self.last_canary_ms.store(0, Ordering::Relaxed);
+        }
         self.subscribed.store(subscribed, Ordering::Relaxed);
     }
 
@@ -137,7 +158,8 @@ impl RedisBroker {
         delivery: Arc<Delivery>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
-        let pool = Pool::builder(Manager::new(settings.target.clone())?)
+        let keys = Keys::new(&settings.namespace);
+        let pool = Pool::builder(Manager::new(settings.target.clone(), keys.stream.clone())?)
             .max_size(16)
             .wait_timeout(Some(POOL_TIMEOUT))
             .create_timeout(Some(POOL_TIMEOUT))
@@ -148,7 +170,7 @@ impl RedisBroker {
         Ok(Self {
             target: settings.target.clone(),
             pool,
-            keys: Keys::new(&settings.namespace),
+            keys,
             delivery,
             settings,
             status: Arc::new(SubscriptionStatus::default()),
@@ -165,9 +187,9 @@ impl RedisBroker {
         &self.keys
     }
 
-    /// The client used for the dedicated pub/sub connection.
-    pub async fn client(&self) -> Result<redis::Client, Error> {
-        self.target.client().await
+    /// Where Redis is.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
     }
 
     async fn connection(&self) -> Result<Pooled, Error> {
@@ -177,23 +199,12 @@ impl RedisBroker {
             .map_err(|e| Error::Unavailable(format!("no Redis connection: {e}")))
     }
 
-    /// Loads the Function library unless an equal or newer version is there, and records
-    /// this replica's history and size settings for it.
+    /// Loads the Function library unless an equal or newer version is there (see
+    /// [`ensure_library`]), and records this replica's history and size settings, and how
+    /// the gateways listen, for it.
     pub async fn prepare(&self) -> Result<(), Error> {
         let mut conn = self.connection().await?;
-        let loaded: Result<i64, Error> = bounded(
-            redis::cmd("FCALL_RO")
-                .arg("eventfabric_version")
-                .arg(0)
-                .query_async(&mut *conn),
-        )
-        .await;
-        if let Err(Error::Unavailable(why)) = loaded {
-            return Err(Error::Unavailable(why));
-        }
-        if !matches!(loaded, Ok(v) if v >= LIBRARY_VERSION) {
-            load_library(&mut conn).await?;
-        }
+        ensure_library(&mut conn, &self.keys.stream, false).await?;
         let _: () = bounded(
             redis::cmd("HSET")
                 .arg(&self.keys.config)
@@ -201,10 +212,21 @@ impl RedisBroker {
                 .arg(self.settings.history)
                 .arg("max_event_bytes")
                 .arg(self.settings.max_event_bytes)
+                .arg("pubsub")
+                .arg(if self.is_sharded() {
+                    "sharded"
+                } else {
+                    "classic"
+                })
                 .query_async(&mut *conn),
         )
         .await?;
         Ok(())
+    }
+
+    /// Whether pub/sub is sharded (`SSUBSCRIBE`, `SPUBLISH`): on a cluster.
+    pub fn is_sharded(&self) -> bool {
+        self.target.is_cluster()
     }
 
     /// Stores, counts and publishes an event in one atomic call; returns its id. A retry
@@ -216,7 +238,7 @@ impl RedisBroker {
         data: &RawValue,
         idempotency_key: Option<&str>,
     ) -> Result<EventId, Error> {
-        let mut call = self.library_call("FCALL", "eventfabric_publish");
+        let mut call = self.library_call("FCALL", "eventfabric_publish", keys::PUBLISH_KEYS);
         call.arg(event_type)
             .arg(data.get())
             .arg(idempotency_key.unwrap_or(""));
@@ -235,15 +257,25 @@ impl RedisBroker {
         if wanted == 0 {
             return Ok(id);
         }
-        // WAIT covers every write made on this connection so far, the event among them.
+        // WAIT covers every write made on this connection so far, the event among them (on
+        // a cluster: on the connection to the namespace's primary, which the cluster
+        // connection shares among its clones).
         let timeout_ms = self.settings.replica_timeout.as_millis() as u64;
-        let confirmed: i64 = bounded(
-            redis::cmd("WAIT")
-                .arg(wanted)
-                .arg(timeout_ms)
-                .query_async(&mut *conn),
-        )
-        .await
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(timeout_ms);
+        let confirmed: i64 = match &mut *conn {
+            Connection::Single(single) => bounded(wait.query_async(single)).await,
+            Connection::Cluster(cluster) => {
+                let primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(&self.keys.stream, SlotAddr::Master),
+                ));
+                bounded(cluster.route_command(wait, primary))
+                    .await
+                    .and_then(|v| {
+                        redis::from_redis_value(v).map_err(|e| Error::Rejected(e.to_string()))
+                    })
+            }
+        }
         .unwrap_or(0);
         if confirmed < i64::from(wanted) {
             return Err(Error::NotReplicated {
@@ -323,7 +355,8 @@ impl RedisBroker {
         // Asked after the read: trimming only moves forward, so a position that is still
         // known now was known when the entries were read.
         let position = if check {
-            let mut call = self.library_call("FCALL_RO", "eventfabric_position");
+            let mut call =
+                self.library_call("FCALL_RO", "eventfabric_position", keys::POSITION_KEYS);
             call.arg(after.to_string());
             self.call_with_library::<i64>(&call).await?
         } else {
@@ -374,22 +407,17 @@ impl RedisBroker {
         Ok(newest.first().and_then(|(id, _)| id.parse().ok()))
     }
 
-    /// Publishes this replica's readiness canary.
-    pub async fn send_canary(&self, channel: &str) -> Result<(), Error> {
-        let mut conn = self.connection().await?;
-        let _: i64 = bounded(
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(unix_ms())
-                .query_async(&mut *conn),
-        )
-        .await?;
+    /// Sends this replica's readiness canary, through the library (see the module notes).
+    pub async fn send_canary(&self, replica_id: &str) -> Result<(), Error> {
+        let mut call = self.library_call("FCALL", "eventfabric_canary", keys::CANARY_KEYS);
+        call.arg(replica_id).arg(unix_ms());
+        let _: i64 = self.call_with_library(&call).await?;
         Ok(())
     }
 
     /// Records that `replica_id` is alive with `clients` clients.
     pub async fn heartbeat(&self, replica_id: &str, clients: usize) -> Result<(), Error> {
-        let mut call = self.library_call("FCALL", "eventfabric_heartbeat");
+        let mut call = self.library_call("FCALL", "eventfabric_heartbeat", keys::REPLICA_KEYS);
         call.arg(replica_id)
             .arg(clients)
             .arg(REPLICA_TTL.as_millis() as u64);
@@ -399,7 +427,7 @@ impl RedisBroker {
 
     /// Removes `replica_id` from the cluster stats at once (graceful shutdown).
     pub async fn leave(&self, replica_id: &str) -> Result<(), Error> {
-        let mut call = self.library_call("FCALL", "eventfabric_leave");
+        let mut call = self.library_call("FCALL", "eventfabric_leave", keys::REPLICA_KEYS);
         call.arg(replica_id);
         let _: i64 = self.call_with_library(&call).await?;
         Ok(())
@@ -407,7 +435,7 @@ impl RedisBroker {
 
     /// Counters and live replicas of the namespace.
     pub async fn cluster_stats(&self) -> Result<ClusterStats, Error> {
-        let call = self.library_call("FCALL", "eventfabric_stats");
+        let call = self.library_call("FCALL", "eventfabric_stats", keys::STATS_KEYS);
         let reply: StatsReply = self.call_with_library(&call).await?;
         let (_now, counters, replicas) = reply;
         let mut stats = ClusterStats::default();
@@ -430,11 +458,13 @@ impl RedisBroker {
         Ok(stats)
     }
 
-    /// `<command> <function> 1 {ns}:stream`: a call into the library on this namespace,
-    /// to which the caller appends the function's arguments.
-    fn library_call(&self, command: &str, function: &str) -> redis::Cmd {
+    /// `<command> <function> <n> {ns}:stream {ns}:...`: a call into the library on this
+    /// namespace in the declared form (the stream key, then the keys in `touched`), to
+    /// which the caller appends the function's arguments.
+    fn library_call(&self, command: &str, function: &str, touched: &[&str]) -> redis::Cmd {
+        let declared = self.keys.declared(touched);
         let mut call = redis::cmd(command);
-        call.arg(function).arg(1).arg(&self.keys.stream);
+        call.arg(function).arg(declared.len()).arg(declared);
         call
     }
 
@@ -461,7 +491,7 @@ impl RedisBroker {
         match bounded(call.query_async(&mut **conn)).await {
             Err(Error::Rejected(detail)) if detail.contains("Function not found") => {
                 tracing::info!("function library missing in Redis; loading it");
-                load_library(conn).await?;
+                ensure_library(conn, &self.keys.stream, true).await?;
                 bounded(call.query_async(&mut **conn)).await
             }
             other => other,
@@ -497,15 +527,74 @@ async fn bounded<T>(
     }
 }
 
-async fn load_library(conn: &mut Pooled) -> Result<(), Error> {
-    let _: String = bounded(
-        redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(FUNCTION_LIBRARY)
-            .query_async(&mut **conn),
-    )
-    .await?;
+/// Loads the library unless an equal or newer version is there (`missing`: it is known
+/// not to be). On a cluster, first on the primary of this namespace's slot, which is all
+/// this namespace needs, and then on every other primary, so that producers of every
+/// namespace find it there; that second step waits at most [`EVERY_PRIMARY_TIMEOUT`] and
+/// may fail (a failover under way on another shard must not make this one unready).
+async fn ensure_library(conn: &mut Connection, stream: &str, missing: bool) -> Result<(), Error> {
+    let mut version = redis::cmd("FCALL_RO");
+    version.arg("eventfabric_version").arg(0);
+    let mut load = redis::cmd("FUNCTION");
+    load.arg("LOAD").arg("REPLACE").arg(FUNCTION_LIBRARY);
+    let current = |loaded: &Result<i64, Error>| matches!(loaded, Ok(v) if *v >= LIBRARY_VERSION);
+    let cluster = match conn {
+        Connection::Single(single) => {
+            if !missing {
+                match bounded(version.query_async::<i64>(single)).await {
+                    Err(Error::Unavailable(why)) => return Err(Error::Unavailable(why)),
+                    loaded if current(&loaded) => return Ok(()),
+                    _ => {}
+                }
+            }
+            let _: String = bounded(load.query_async(single)).await?;
+            return Ok(());
+        }
+        Connection::Cluster(cluster) => cluster,
+    };
+    let namespace_primary = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+        Route::with_key(stream, SlotAddr::Master),
+    ));
+    let here = if missing {
+        Ok(0)
+    } else {
+        bounded(cluster.route_command(version.clone(), namespace_primary.clone()))
+            .await
+            .and_then(|v| redis::from_redis_value(v).map_err(|e| Error::Rejected(e.to_string())))
+    };
+    if let Err(Error::Unavailable(why)) = here {
+        return Err(Error::Unavailable(why));
+    }
+    if !current(&here) {
+        let _: redis::Value =
+            bounded(cluster.route_command(load.clone(), namespace_primary)).await?;
+    }
+    // Every primary: the lowest version any has, and a load on all when one lacks it.
+    let lowest = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::Aggregate(AggregateOp::Min)),
+    ));
+    let all = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::AllSucceeded),
+    ));
+    let everywhere = async {
+        let loaded = cluster
+            .route_command(version, lowest)
+            .await
+            .and_then(|v| Ok(redis::from_redis_value::<i64>(v)?));
+        if matches!(loaded, Ok(v) if v >= LIBRARY_VERSION) {
+            return Ok(());
+        }
+        cluster.route_command(load, all).await.map(drop)
+    };
+    match tokio::time::timeout(EVERY_PRIMARY_TIMEOUT, everywhere).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "the function library is not on every primary yet");
+        }
+        Err(_) => tracing::warn!("not every primary answered while loading the function library"),
+    }
     Ok(())
 }
 

@@ -15,13 +15,25 @@
 //! read, so a burst costs a few reads, not one per event; a read goes no further than the
 //! newest doorbell taken, so an event stored later cannot overtake a fire-and-forget
 //! event that was published before it.
+//!
+//! On a Redis Cluster the channels are sharded (`SSUBSCRIBE`): they live on the primary that
+//! holds the namespace's slot, and so does the subscription. When that slot moves (the
+//! server ends the subscription with `SUNSUBSCRIBE`) or any connection of the cluster
+//! client is lost, the subscription ends here and is built again from scratch (a fresh
+//! view of the cluster, then the same gap-filling read), rather than trusting a silent
+//! resubscription that would leave a gap unread. Pushes wait in a bounded queue; one that
+//! overflows ends the subscription the same way, so memory stays bounded and nothing is
+//! skipped unread.
 
 use std::borrow::Cow;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use rand::Rng;
+use redis::{PushInfo, PushKind};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +59,11 @@ const MAX_WAITING: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// With no canary for this long, the subscription is presumed wedged and rebuilt.
 const WEDGED_AFTER: Duration = Duration::from_secs(5);
+/// Pushes of a sharded subscription waiting to be taken; more end the subscription.
+const MAX_PUSHES: usize = 1024;
+
+/// What a subscription hands over: channel messages until it is lost (the reason).
+type Messages = Pin<Box<dyn Stream<Item = Result<redis::Msg, &'static str>> + Send>>;
 
 /// The task that owns the replica's subscription.
 #[derive(Debug)]
@@ -142,8 +159,10 @@ impl Subscriber {
                     }
                 }
             };
-            let Some(message) = message else {
-                return Error::Unavailable("Redis closed the subscription".to_owned());
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(lost)) => return Error::Unavailable(lost.to_owned()),
+                None => return Error::Unavailable("Redis closed the subscription".to_owned()),
             };
             match self.take(&message, canary_channel) {
                 Taken::Nothing => {}
@@ -162,22 +181,45 @@ impl Subscriber {
     }
 
     /// Opens the dedicated pub/sub connection and subscribes to the events channel and
-    /// this replica's canary channel.
-    async fn subscribe(&self, canary_channel: &str) -> Result<redis::aio::PubSubStream, Error> {
+    /// this replica's canary channel (sharded channels on a cluster), after making sure
+    /// the library is loaded.
+    async fn subscribe(&self, canary_channel: &str) -> Result<Messages, Error> {
         let connect = async {
             self.broker.prepare().await?;
+            let channels = [self.broker.keys().events.as_str(), canary_channel];
+            let unavailable = |e: redis::RedisError| Error::Unavailable(e.to_string());
+            let (pushes, overflowed) = BoundedPushes::new();
+            if let Some(client) = self.broker.target().cluster_client(Some(pushes.sender)) {
+                let mut conn = client?.get_async_connection().await.map_err(unavailable)?;
+                conn.ssubscribe(&channels).await.map_err(unavailable)?;
+                let messages = futures::stream::unfold(
+                    (pushes.receiver, conn, overflowed),
+                    |(mut receiver, conn, overflowed)| async move {
+                        loop {
+                            let push = receiver.recv().await?;
+                            let taken = if overflowed.load(Ordering::Relaxed) {
+                                Some(Err("more sharded messages came than were taken"))
+                            } else {
+                                sharded_push(push)
+                            };
+                            if let Some(taken) = taken {
+                                return Some((taken, (receiver, conn, overflowed)));
+                            }
+                        }
+                    },
+                );
+                return Ok(Box::pin(messages) as Messages);
+            }
             let mut pubsub = self
                 .broker
+                .target()
                 .client()
                 .await?
                 .get_async_pubsub()
                 .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            pubsub
-                .subscribe(&[self.broker.keys().events.as_str(), canary_channel])
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
-            Ok(pubsub.into_on_message())
+                .map_err(unavailable)?;
+            pubsub.subscribe(&channels).await.map_err(unavailable)?;
+            Ok(Box::pin(pubsub.into_on_message().map(Ok)) as Messages)
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
@@ -272,6 +314,56 @@ impl Subscriber {
                 Some(next) => after = next,
                 None => return Ok(()),
             }
+        }
+    }
+}
+
+/// What a push of a sharded subscription means: a message, the end of the subscription
+/// (the server moved the slot away, or a connection was lost), or nothing (confirmations).
+fn sharded_push(push: PushInfo) -> Option<Result<redis::Msg, &'static str>> {
+    match push.kind {
+        PushKind::SMessage => redis::Msg::from_push_info(push).map(Ok),
+        PushKind::SUnsubscribe => {
+            Some(Err("Redis ended the sharded subscription (the slot moved)"))
+        }
+        PushKind::Disconnection => Some(Err("a connection to the Redis Cluster was lost")),
+        _ => None,
+    }
+}
+
+/// Where the cluster client puts the pushes of a sharded subscription: a bounded queue
+/// that, when full, drops the push and raises a flag that ends the subscription.
+struct BoundedPushes {
+    sender: PushSender,
+    receiver: tokio::sync::mpsc::Receiver<PushInfo>,
+}
+
+struct PushSender {
+    queue: tokio::sync::mpsc::Sender<PushInfo>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl BoundedPushes {
+    fn new() -> (Self, Arc<AtomicBool>) {
+        let (queue, receiver) = tokio::sync::mpsc::channel(MAX_PUSHES);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let sender = PushSender {
+            queue,
+            overflowed: overflowed.clone(),
+        };
+        (Self { sender, receiver }, overflowed)
+    }
+}
+
+impl redis::aio::AsyncPushSender for PushSender {
+    fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
+        match self.queue.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                self.overflowed.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(redis::aio::SendError),
         }
     }
 }
@@ -410,6 +502,57 @@ mod tests {
             parse_message(big.as_bytes(), 1024).unwrap_err(),
             "oversized"
         );
+    }
+
+    #[test]
+    fn sharded_pushes_are_messages_or_the_end_of_the_subscription() {
+        let push = |kind, data: &[&[u8]]| PushInfo {
+            kind,
+            data: data
+                .iter()
+                .map(|d| redis::Value::BulkString(d.to_vec()))
+                .collect(),
+        };
+        let message = sharded_push(push(PushKind::SMessage, &[b"{ns}:events", b"1-0"]))
+            .expect("a message")
+            .expect("not an end");
+        assert_eq!(
+            (message.get_channel_name(), message.get_payload_bytes()),
+            ("{ns}:events", &b"1-0"[..])
+        );
+        for ends in [
+            push(PushKind::SUnsubscribe, &[b"{ns}:events"]),
+            push(PushKind::Disconnection, &[]),
+        ] {
+            assert!(matches!(sharded_push(ends), Some(Err(_))));
+        }
+        for nothing in [
+            push(PushKind::SSubscribe, &[b"{ns}:events"]),
+            push(PushKind::Message, &[b"{ns}:events", b"1-0"]),
+            // A sharded message without its payload is no message.
+            push(PushKind::SMessage, &[b"{ns}:events"]),
+        ] {
+            assert!(sharded_push(nothing).is_none());
+        }
+    }
+
+    #[test]
+    fn a_full_push_queue_drops_and_flags_instead_of_growing() {
+        use redis::aio::AsyncPushSender;
+        let (pushes, overflowed) = BoundedPushes::new();
+        let info = || PushInfo {
+            kind: PushKind::SMessage,
+            data: vec![],
+        };
+        for _ in 0..MAX_PUSHES {
+            pushes.sender.send(info()).unwrap();
+        }
+        assert!(!overflowed.load(Ordering::Relaxed));
+        pushes.sender.send(info()).unwrap();
+        assert!(overflowed.load(Ordering::Relaxed));
+        assert_eq!(pushes.receiver.len(), MAX_PUSHES);
+        drop(pushes.receiver);
+        assert!(pushes.sender.send(info()).is_err());
     }
 
     #[test]

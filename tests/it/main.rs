@@ -8,6 +8,7 @@
 #![allow(missing_docs)]
 
 mod auth;
+mod cluster;
 mod deploy;
 mod fabric;
 mod harness;

@@ -21,6 +21,8 @@ pub struct RedisProc {
     child: Option<Child>,
     dir: Option<tempfile::TempDir>,
     external: bool,
+    /// The extra arguments it was started with, used again by [`RedisProc::restart`].
+    extra: Vec<String>,
 }
 
 impl RedisProc {
@@ -39,6 +41,7 @@ impl RedisProc {
                 child: None,
                 dir: None,
                 external: true,
+                extra: Vec::new(),
             };
         }
         let dir = tempfile::Builder::new()
@@ -56,6 +59,7 @@ impl RedisProc {
                         child: Some(child),
                         dir: Some(dir),
                         external: false,
+                        extra: Vec::new(),
                     };
                 }
                 Err(e) => last_err = e,
@@ -76,6 +80,12 @@ impl RedisProc {
         Self::own(free_port(), extra)
     }
 
+    /// Starts an own `redis-server` on `port` with `extra` arguments (ignores `REDIS_URL`),
+    /// e.g. a cluster node whose address a gateway was given before it started.
+    pub fn start_on_port_with(port: u16, extra: &[String]) -> Self {
+        Self::own(port, extra)
+    }
+
     fn own(port: u16, extra: &[String]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("eventfabric-redis-")
@@ -90,6 +100,7 @@ impl RedisProc {
             child: Some(child),
             dir: Some(dir),
             external: false,
+            extra: extra.to_vec(),
         }
     }
 
@@ -101,6 +112,11 @@ impl RedisProc {
     /// The TCP port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The process id of an own server that is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `Ok` if kill/restart work; otherwise why not, for [`tools::require`](super::tools::require).
@@ -124,7 +140,8 @@ impl RedisProc {
         }
     }
 
-    /// Starts the server again on the same port (after [`RedisProc::kill`]); data is empty.
+    /// Starts the server again on the same port and with the same arguments (after
+    /// [`RedisProc::kill`]); data is empty (a cluster node keeps its `nodes.conf`).
     pub fn restart(&mut self) {
         assert!(
             !self.external,
@@ -134,7 +151,7 @@ impl RedisProc {
         let dir = self.dir.as_ref().expect("own redis has a dir").path();
         let deadline = Instant::now() + REDIS_STARTUP_DEADLINE;
         loop {
-            match spawn_redis(self.port, dir) {
+            match spawn_redis_with(self.port, dir, &self.extra) {
                 Ok(child) => {
                     self.child = Some(child);
                     return;

@@ -465,6 +465,9 @@ impl Api {
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(API_TIMEOUT)
+                // Below the gateway's keep-alive limit (--request-timeout-secs, 10 s):
+                // a connection reused just as the gateway closes it fails the request.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .build()
                 .expect("build reqwest client"),
         }

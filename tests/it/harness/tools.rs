@@ -163,3 +163,17 @@ pub fn openssl() -> Result<PathBuf, String> {
         )
     }
 }
+
+/// `redis-cli`, with which the cluster tests form and reshard their clusters (Debian ships it
+/// with `redis-server`, in `redis-tools`).
+pub fn redis_cli() -> Result<PathBuf, String> {
+    if runs(Command::new("redis-cli").arg("--version")) {
+        Ok(PathBuf::from("redis-cli"))
+    } else {
+        Err(
+            "redis-cli not found: the cluster tests form their clusters with it \
+             (apt-get install redis-tools, or .ci/install-test-deps)"
+                .to_owned(),
+        )
+    }
+}
