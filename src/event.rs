@@ -220,9 +220,10 @@ pub const MAX_PATTERNS: usize = 64;
 /// Which event types a client wants or may receive: every type, or those matching one of
 /// its patterns. A pattern is an exact type (`order_created`) or a prefix ending in `*`
 /// (`user:42:*`; `*` alone is every type). `*` cannot occur in a type ([`validate_type`]),
-/// so the two never mix up.
+/// so the two never mix up. The list is shared: a grant's patterns (the anonymous ones,
+/// say) are cloned into every stream that receives them, and a clone is a reference count.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct TypeFilter(Option<Box<[Box<str>]>>);
+pub struct TypeFilter(Option<std::sync::Arc<[Box<str>]>>);
 
 impl TypeFilter {
     /// A filter passing only what `patterns` match; an empty list, or one holding `*`,
@@ -231,12 +232,12 @@ impl TypeFilter {
         if patterns.iter().any(|p| &**p == "*") {
             return Self(None);
         }
-        Self((!patterns.is_empty()).then(|| patterns.into_boxed_slice()))
+        Self((!patterns.is_empty()).then(|| patterns.into()))
     }
 
     /// A filter passing nothing (a grant of no types).
     pub fn nothing() -> Self {
-        Self(Some(Box::default()))
+        Self(Some(std::sync::Arc::from(Vec::new())))
     }
 
     /// Whether it passes every type.

@@ -5,9 +5,9 @@
 //! whatever the traffic, so forged key ids cannot turn the gateway into a flood against
 //! the provider; until the first fetch succeeds, every [`RETRY_UNLOADED`].
 //!
-//! Keys are stored under the issuer this JWKS belongs to (`--jwt-issuer`) *and* their key
+//! A key set belongs to one issuer (`--jwt-issuer`), so a key is found by issuer *and* key
 //! id, never the id alone: a token claiming another issuer finds no key here even if its
-//! `kid` matches. Symmetric (`oct`) entries are ignored (a published key set carries no
+//! `kid` matches, and cannot make the set be fetched again. Symmetric (`oct`) entries are ignored (a published key set carries no
 //! secrets), and so are keys marked for encryption only.
 
 use std::collections::HashMap;
@@ -31,8 +31,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest key set read.
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 
-/// Cached keys by (issuer, key id).
-type KeyTable = HashMap<(Box<str>, Box<str>), CachedKey>;
+/// Cached keys by key id (the set's issuer is the other half of the lookup).
+type KeyTable = HashMap<Box<str>, CachedKey>;
 
 /// A cached key and the algorithms it accepts.
 struct CachedKey {
@@ -43,7 +43,8 @@ struct CachedKey {
 /// The key cache of one JWKS endpoint.
 pub(super) struct Jwks {
     url: String,
-    issuer: Box<str>,
+    /// The issuer the keys belong to; `None` when --jwt-issuer is unset (with a warning).
+    issuer: Option<Box<str>>,
     client: reqwest::Client,
     keys: RwLock<KeyTable>,
     /// When unknown key ids last prompted a fetch, and whether one has ever succeeded;
@@ -95,7 +96,7 @@ impl Jwks {
             .map_err(|e| format!("cannot build the JWKS client: {e}"))?;
         let jwks = Self {
             url: url.to_owned(),
-            issuer: issuer.unwrap_or("").into(),
+            issuer: issuer.map(Into::into),
             client,
             keys: RwLock::default(),
             fetch: tokio::sync::Mutex::default(),
@@ -107,12 +108,23 @@ impl Jwks {
         Ok(jwks)
     }
 
-    /// The key with id `kid` that accepts `alg`, refetching the set once if the id is new.
-    /// Only a token that names a key id and an algorithm a published key can have
-    /// prompts a fetch: HMAC tokens (no JWKS key accepts them) and tokens without `kid`
-    /// are answered from the cache.
-    pub async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Option<DecodingKey> {
+    /// The key with id `kid` that accepts `alg` for a token claiming issuer `iss`,
+    /// refetching the set once if the id is new. Only a token of this set's issuer that
+    /// names a key id and an algorithm a published key can have prompts a fetch: HMAC
+    /// tokens (no JWKS key accepts them) and tokens without `kid` are answered from the
+    /// cache.
+    pub async fn key_for(
+        &self,
+        iss: Option<&str>,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Option<DecodingKey> {
         if alg.family() == AlgorithmFamily::Hmac {
+            return None;
+        }
+        if let Some(issuer) = &self.issuer
+            && iss != Some(&**issuer)
+        {
             return None;
         }
         if let Some(found) = self.lookup(kid.unwrap_or(""), alg) {
@@ -127,7 +139,7 @@ impl Jwks {
     /// `alg` (no refetch can change that soon), `None` when unknown.
     fn lookup(&self, kid: &str, alg: Algorithm) -> Option<Option<DecodingKey>> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let cached = keys.get(&(self.issuer.clone(), Box::from(kid)))?;
+        let cached = keys.get(kid)?;
         Some(cached.algorithms.contains(&alg).then(|| cached.key.clone()))
     }
 
@@ -151,7 +163,7 @@ impl Jwks {
     async fn load(&self, state: &mut FetchState) {
         match self.download().await {
             Ok(set) => {
-                let fresh = self.index(&set);
+                let fresh = Self::index(&set);
                 tracing::info!(keys = fresh.len(), url = %self.url, "loaded the JWKS");
                 *self.keys.write().unwrap_or_else(|p| p.into_inner()) = fresh;
                 state.loaded = true;
@@ -181,17 +193,14 @@ impl Jwks {
         serde_json::from_slice(&body).map_err(|e| format!("not a JWKS document: {e}"))
     }
 
-    fn index(&self, set: &JwkSet) -> KeyTable {
+    fn index(set: &JwkSet) -> KeyTable {
         set.keys
             .iter()
             .filter_map(|jwk| {
                 let algorithms = algorithms_of(jwk)?;
                 let key = DecodingKey::from_jwk(jwk).ok()?;
                 let kid = jwk.common.key_id.as_deref().unwrap_or("");
-                Some((
-                    (self.issuer.clone(), kid.into()),
-                    CachedKey { key, algorithms },
-                ))
+                Some((kid.into(), CachedKey { key, algorithms }))
             })
             .collect()
     }

@@ -150,7 +150,9 @@ impl Verifier {
             }
         }
         if let Some(jwks) = &self.jwks
-            && let Some(key) = jwks.key_for(header.kid.as_deref(), alg).await
+            && let Some(key) = jwks
+                .key_for(claimed_issuer(token).as_deref(), header.kid.as_deref(), alg)
+                .await
         {
             return self.check(token, alg, &key);
         }
@@ -181,6 +183,18 @@ impl Verifier {
         })?;
         grant_of(data.claims)
     }
+}
+
+/// The `iss` a token claims, read before its signature is checked: only to pick the key
+/// set it must verify against, never trusted (the signature check follows).
+fn claimed_issuer(token: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Issuer {
+        iss: Option<String>,
+    }
+    jsonwebtoken::dangerous::insecure_decode_claims::<Issuer>(token)
+        .ok()?
+        .iss
 }
 
 /// Object identifiers that tell a public key's type, as DER bytes (tag, length, value).

@@ -246,16 +246,13 @@ impl Auth {
     }
 
     /// The grant of a publisher, or `None` when no key is configured (anyone may publish).
-    /// Only the `Authorization` header counts.
+    /// Only the `Authorization` header counts (a browser attaches cookies on another
+    /// site's behalf); the handler passes no query.
     pub async fn publisher(&self, credentials: &Credentials) -> Result<Option<Grant>, Denied> {
         if !self.is_enabled() {
             return Ok(None);
         }
-        let header_only = Credentials {
-            authorization: credentials.authorization.clone(),
-            ..Credentials::default()
-        };
-        match self.token(&header_only, false)? {
+        match self.token(credentials, false)? {
             Some(token) => self.verify(token).await.map(Some),
             None => Err(Denied::MissingToken),
         }
