@@ -14,7 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::harness::tokens::{Keys, at, grants};
-use crate::harness::wire::{Head, on_fresh_connection, on_reused_connection, read_until_closed};
+use crate::harness::wire::{
+    Head, on_fresh_connection, on_reused_connection, read_body, read_until_closed,
+};
 use crate::harness::{GatewayBuilder, GatewayProc, RedisProc, unique_namespace};
 
 /// Longest wait for anything that should happen at once.
@@ -40,22 +42,17 @@ async fn on_both_paths(addr: SocketAddr, request: &str) -> [(Head, String); 2] {
             on_fresh_connection(addr, request).await
         }
         .unwrap_or_else(|| panic!("an answer (reused: {reused}) to {request:.300}"));
-        let mut body = String::from_utf8_lossy(&head.body_start).to_string();
+        let mut body = head.body_start.clone();
         if head.status != 200 {
-            let length: usize = head
+            let length = head
                 .header("content-length")
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(0);
-            let deadline = tokio::time::Instant::now() + T;
-            let mut chunk = [0u8; 4096];
-            while body.len() < length {
-                match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
-                    Ok(Ok(n)) if n > 0 => body.push_str(&String::from_utf8_lossy(&chunk[..n])),
-                    _ => break,
-                }
-            }
+            body = read_body(&mut tcp, body, length, T)
+                .await
+                .unwrap_or_else(|| panic!("a complete body (reused: {reused}): {head:?}"));
         }
-        answers.push((head, body));
+        answers.push((head, String::from_utf8_lossy(&body).into_owned()));
     }
     answers.try_into().expect("two answers")
 }

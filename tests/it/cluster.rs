@@ -231,10 +231,15 @@ async fn node_cmd<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> redi
 
 /// `redis-cli -p <port> <args>` (an administrator's command), bounded; its output.
 async fn redis_cli(port: u16, args: &[&str]) -> String {
+    redis_cli_within(port, args, 10).await
+}
+
+/// [`redis_cli`] given `secs` seconds (a reshard takes longer than a command).
+async fn redis_cli_within(port: u16, args: &[&str], secs: u32) -> String {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("timeout")
-            .arg("10")
+            .arg(secs.to_string())
             .arg("redis-cli")
             .args(["-p", &port.to_string()])
             .args(&args)
@@ -605,25 +610,19 @@ async fn gateways_on_a_cluster_follow_a_kill_a_failover_back_and_a_reshard() {
         .map(|&(a, b)| u32::from(b.min(SLOT) - a + 1))
         .sum();
     let reshard_at = Instant::now();
-    let out = tokio::task::spawn_blocking({
-        let (from, to, port) = (owner.id.clone(), target.id.clone(), owner.port);
-        move || {
-            Command::new("redis-cli")
-                .args(["--cluster", "reshard", &format!("127.0.0.1:{port}")])
-                .args(["--cluster-from", &from, "--cluster-to", &to])
-                .args(["--cluster-slots", &count.to_string(), "--cluster-yes"])
-                .output()
-                .expect("run redis-cli --cluster reshard")
-        }
-    })
-    .await
-    .expect("reshard task");
-    assert!(
-        out.status.success(),
-        "reshard failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (node, slots) = (format!("127.0.0.1:{}", owner.port), count.to_string());
+    let args = ["--cluster", "reshard", &node, "--cluster-from", &owner.id];
+    let args = [
+        &args[..],
+        &[
+            "--cluster-to",
+            &target.id,
+            "--cluster-slots",
+            &slots,
+            "--cluster-yes",
+        ],
+    ];
+    redis_cli_within(owner.port, &args.concat(), 120).await;
     let moved = cluster.owner(SLOT, None).await;
     assert_eq!(moved.id, target.id, "slot {SLOT} did not move");
     both_ready(&apis, "both gateways ready after the reshard").await;
@@ -914,27 +913,7 @@ async fn what_a_killed_cluster_primary_loses_is_counted_and_resumers_are_told() 
     let mut watching = SseClient::connect(api.base(), ConnectOpts::default()).await;
 
     // A producer at 100 POST/s; it keeps what was acknowledged.
-    let producer = {
-        let api = api.clone();
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let until = Instant::now() + Duration::from_secs(10);
-            let mut seq = 0u64;
-            while Instant::now() < until {
-                tick.tick().await;
-                seq += 1;
-                let body = json!({"type": "t", "data": {"seq": seq}}).to_string();
-                let (status, answer) = api.post_raw(body, "application/json").await;
-                if status == StatusCode::ACCEPTED {
-                    let answer: serde_json::Value =
-                        serde_json::from_str(&answer).expect("a JSON answer");
-                    acked.push(answer["id"].as_str().expect("an id").to_owned());
-                }
-            }
-            acked
-        })
-    };
+    let producer = api.spawn_producer(Duration::from_millis(10), Duration::from_secs(10));
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Cut the primary's replica off for its last second (stopped, its link closed by the
     // primary), so what the primary acknowledges then exists nowhere else; then kill it.

@@ -303,27 +303,7 @@ async fn what_a_killed_primary_loses_at_100_events_a_second_is_counted_and_resum
     api.wait_ready(T).await;
 
     // A producer at 100 POST/s through the failover; it keeps what was acknowledged.
-    let producer = {
-        let api = api.clone();
-        tokio::spawn(async move {
-            let mut acked = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let until = Instant::now() + Duration::from_secs(12);
-            let mut seq = 0u64;
-            while Instant::now() < until {
-                tick.tick().await;
-                seq += 1;
-                let body = json!({"type": "t", "data": {"seq": seq}}).to_string();
-                let (status, answer) = api.post_raw(body, "application/json").await;
-                if status == StatusCode::ACCEPTED {
-                    let answer: serde_json::Value =
-                        serde_json::from_str(&answer).expect("a JSON answer");
-                    acked.push(answer["id"].as_str().expect("an id").to_owned());
-                }
-            }
-            acked
-        })
-    };
+    let producer = api.spawn_producer(Duration::from_millis(10), Duration::from_secs(12));
     tokio::time::sleep(Duration::from_secs(2)).await;
     setup.primary.kill();
     let acked = producer.await.expect("producer task");

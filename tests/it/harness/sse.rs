@@ -458,6 +458,34 @@ pub struct Api {
 pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Api {
+    /// A producer that posts `{"type": "t", "data": {"seq": n}}` every `every` for `during`
+    /// (what the failover tests run through a fault) and returns the ids acknowledged with
+    /// `202`, in order; refused posts are left out.
+    pub fn spawn_producer(
+        &self,
+        every: Duration,
+        during: Duration,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut tick = tokio::time::interval(every);
+            let until = Instant::now() + during;
+            let mut seq = 0u64;
+            while Instant::now() < until {
+                tick.tick().await;
+                seq += 1;
+                let body = json!({"type": "t", "data": {"seq": seq}}).to_string();
+                let (status, answer) = api.post_raw(body, "application/json").await;
+                if status == StatusCode::ACCEPTED {
+                    let answer: Value = serde_json::from_str(&answer).expect("a JSON answer");
+                    acked.push(answer["id"].as_str().expect("an id").to_owned());
+                }
+            }
+            acked
+        })
+    }
+
     /// Helper for the gateway at `base` (`http://IP:PORT`).
     pub fn new(base: &str) -> Api {
         Api {

@@ -26,10 +26,7 @@ pub struct Answer {
 impl Answer {
     /// The first value of header `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 
     /// The body as JSON.
@@ -57,43 +54,49 @@ impl Answer {
 /// Reads one response (head, then a `content-length` body) within `within`; `None` if the
 /// connection ends or resets first.
 pub async fn read_answer(tcp: &mut TcpStream, within: Duration) -> Option<Answer> {
+    let deadline = tokio::time::Instant::now() + within;
+    let head = read_head(tcp, within).await?;
+    let length = head
+        .header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let body = read_body(tcp, head.body_start, length, left).await?;
+    Some(Answer {
+        status: head.status,
+        headers: head.headers,
+        body,
+    })
+}
+
+/// Completes a body of `length` bytes of which `body` came with the head, within
+/// `within`; `None` if the connection ends or resets first.
+pub async fn read_body(
+    tcp: &mut TcpStream,
+    mut body: Vec<u8>,
+    length: usize,
+    within: Duration,
+) -> Option<Vec<u8>> {
     let reading = async {
-        let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                let mut lines = head.split("\r\n");
-                let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-                let headers: Vec<(String, String)> = lines
-                    .filter_map(|l| l.split_once(':'))
-                    .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                    .collect();
-                let length: usize = headers
-                    .iter()
-                    .find(|(n, _)| n == "content-length")
-                    .and_then(|(_, v)| v.parse().ok())
-                    .unwrap_or(0);
-                while buf.len() < end + 4 + length {
-                    match tcp.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return None,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let body = buf[end + 4..end + 4 + length].to_vec();
-                return Some(Answer {
-                    status,
-                    headers,
-                    body,
-                });
-            }
+        while body.len() < length {
             match tcp.read(&mut chunk).await {
                 Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
             }
         }
+        body.truncate(length);
+        Some(body)
     };
     tokio::time::timeout(within, reading).await.ok().flatten()
+}
+
+/// The first value of header `name` (lower case) among `headers`.
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Waits until the server closes the connection (end of file or reset), discarding what
@@ -160,10 +163,7 @@ pub struct Head {
 impl Head {
     /// The first value of header `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        header(&self.headers, name)
     }
 }
 
