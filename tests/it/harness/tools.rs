@@ -94,6 +94,18 @@ pub fn node_eventsource() -> Result<PathBuf, String> {
 /// (`$EVENTFABRIC_PRODUCER_VENV`, else `~/.cache/eventfabric-producer-venv`), else `python3`
 /// on `PATH`.
 pub fn python_with_redis() -> Result<PathBuf, String> {
+    python_that_imports("redis", "redis-py")
+}
+
+/// A Python interpreter with PyJWT and cryptography (looked for as in
+/// [`python_with_redis`]): tokens in the access-control tests are minted by it, not by the
+/// gateway's own code.
+pub fn python_with_jwt() -> Result<PathBuf, String> {
+    python_that_imports("jwt, cryptography", "PyJWT")
+}
+
+/// The first of the venv's Python and `python3` that can `import <modules>`.
+fn python_that_imports(modules: &str, package: &str) -> Result<PathBuf, String> {
     let venv = std::env::var_os("EVENTFABRIC_PRODUCER_VENV")
         .map(PathBuf::from)
         .or_else(|| cache_dir().map(|c| c.join("eventfabric-producer-venv")));
@@ -102,32 +114,19 @@ pub fn python_with_redis() -> Result<PathBuf, String> {
         .into_iter()
         .chain([PathBuf::from("python3")])
         .collect();
+    let import = format!("import {modules}");
     candidates
         .iter()
-        .find(|python| runs(Command::new(python).args(["-c", "import redis"])))
+        .find(|python| runs(Command::new(python).args(["-c", &import])))
         .cloned()
         .ok_or_else(|| {
             let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
             format!(
-                "no Python that can `import redis` (tried {}; .ci/install-test-deps makes \
-                 the venv)",
+                "no Python that can `{import}` (tried {}; .ci/install-test-deps puts {package} \
+                 in the venv)",
                 tried.join(", ")
             )
         })
-}
-
-/// A Python interpreter with PyJWT and cryptography (the same venv as [`python_with_redis`]):
-/// tokens in the access-control tests are minted by it, not by the gateway's own code.
-pub fn python_with_jwt() -> Result<PathBuf, String> {
-    let python = python_with_redis()?;
-    if runs(Command::new(&python).args(["-c", "import jwt, cryptography"])) {
-        Ok(python)
-    } else {
-        Err(format!(
-            "{} cannot `import jwt, cryptography` (.ci/install-test-deps installs PyJWT)",
-            python.display()
-        ))
-    }
 }
 
 /// `$XDG_CACHE_HOME`, else `$HOME/.cache`: where `.ci/install-test-deps` installs.
